@@ -1,0 +1,1 @@
+//! Sandboxes instances run in: the process backend (Linux namespaces, cgroups).

@@ -1,0 +1,1 @@
+//! The control plane: the /v1 HTTP API over the store.

@@ -1,0 +1,1 @@
+//! The stead binary: server, agent, router, dev, and the CLI.
