@@ -1,1 +1,413 @@
 //! The HTTP reverse proxy in front of every app.
+//!
+//! A request reaches app `<app>` either as `Host: <app>.<domain>` or under
+//! the path prefix `/apps/<app>/` (stripped before forwarding). The router
+//! sends it to one of the ready endpoints of the app's active version, taken
+//! from a [`RouteTable`](stead_api::RouteTable) that a [`RouteSource`]
+//! provides (in production the control plane's `GET /v1/routes`, polled by
+//! [`ApiRouteSource`]).
+//!
+//! When an app has no ready endpoint (just deployed, restarting, or scaled to
+//! zero) the request is held: the router refreshes its table and polls the
+//! source for up to [`RouterConfig::wake_wait`] before answering 503, so the
+//! first requests to a waking app are answered instead of failing. Requests
+//! held this way count as in flight for their app, which is what the
+//! autoscaler reads (see [`Router::load`]).
+//!
+//! Bodies are streamed both ways, never buffered; HTTP/1.1 (keep-alive,
+//! upgrades such as WebSocket) and h2c are served on the same port.
+
+mod body;
+mod metrics;
+mod proxy;
+mod routing;
+mod source;
+mod table;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use source::{ApiRouteSource, RouteSource};
+
+use body::ForwardBody;
+use metrics::Registry;
+use table::Table;
+
+/// Errors of the router's own operation (not of proxied requests, which are
+/// answered with an HTTP error instead).
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The listen address could not be bound (in use, no permission...).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The route source could not produce a table.
+    #[error("cannot fetch routes: {0}")]
+    Source(String),
+    /// Any other I/O failure of the listener.
+    #[error("router I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How the router listens and behaves.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Address to listen on; port 0 picks a free port (see
+    /// [`Router::local_addr`]).
+    pub listen: SocketAddr,
+    /// Apps are served as `<app>.<domain>` (any `:port` in `Host` ignored).
+    pub domain: String,
+    /// How often the route table is refreshed in the background (default
+    /// 500 ms). Requests for an app without a ready endpoint also trigger a
+    /// refresh, so this bounds how long a *removed* endpoint keeps getting
+    /// traffic, not how soon a new one gets it.
+    pub refresh_interval: Duration,
+    /// How long a request for an app without a ready endpoint is held
+    /// waiting for one before the router answers 503 (default 5 s).
+    pub wake_wait: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            domain: "localhost".to_string(),
+            refresh_interval: Duration::from_millis(500),
+            wake_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The smallest background refresh interval accepted: a zero interval would
+/// spin (and `tokio::time::interval` rejects it).
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(10);
+/// Bound on one route fetch, so a hung control plane cannot block refreshes
+/// forever (every later refresh waits for the one in flight).
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open connections may keep running after shutdown is requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Slow-loris guard: a client must send its request head within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connecting to an instance on the local network should take
+/// milliseconds; past this, the instance is treated as unreachable.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Idle upstream connections are closed after this; keeps the pool from
+/// holding sockets to instances that have gone.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One completed route fetch, as seen by requests waiting for a fresh table.
+#[derive(Debug, Clone, Copy)]
+struct Fetched {
+    started: Instant,
+    ok: bool,
+}
+
+/// State shared by the accept loop, every connection and the refresher.
+pub(crate) struct Shared {
+    domain: String,
+    wake_wait: Duration,
+    source: Arc<dyn RouteSource>,
+    table: ArcSwap<Table>,
+    registry: Registry,
+    client: Client<HttpConnector, ForwardBody>,
+    /// Origin of the millisecond clock used for endpoint avoidance.
+    clock: Instant,
+    /// True while a route fetch is running: at most one at a time.
+    fetching: Mutex<bool>,
+    /// The latest completed fetch; waiters subscribe to learn of the next.
+    fetched: watch::Sender<Option<Fetched>>,
+    /// Whether any fetch has ever succeeded (an app missing from a table
+    /// that was never loaded is not known to be unknown).
+    ever_loaded: AtomicBool,
+    /// Whether the last fetch failed, to log a failing source once rather
+    /// than on every poll.
+    failing: AtomicBool,
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Waits until a route fetch that started at or after `since` has
+    /// completed (starting one unless one is already running), and returns
+    /// whether it succeeded. Concurrent callers share fetches.
+    ///
+    /// The fetch runs in its own task, so a caller that gives up (its wait
+    /// timed out, its client went away) does not cancel it for the others.
+    async fn refresh_since(self: &Arc<Self>, since: Instant) -> bool {
+        let mut rx = self.fetched.subscribe();
+        loop {
+            if let Some(f) = *rx.borrow_and_update() {
+                if f.started >= since {
+                    return f.ok;
+                }
+            }
+            self.start_fetch();
+            if rx.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    fn start_fetch(self: &Arc<Self>) {
+        {
+            let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            if *fetching {
+                return;
+            }
+            *fetching = true;
+        }
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let mut done = FetchDone {
+                shared: &shared,
+                fetched: Fetched {
+                    started: Instant::now(),
+                    ok: false,
+                },
+            };
+            let result = tokio::time::timeout(SOURCE_TIMEOUT, shared.source.fetch()).await;
+            let error = match result {
+                Ok(Ok(routes)) => {
+                    let previous = shared.table.load();
+                    let table = Table::build(routes, &previous, &shared.registry);
+                    shared.table.store(Arc::new(table));
+                    shared.ever_loaded.store(true, Ordering::Relaxed);
+                    done.fetched.ok = true;
+                    if shared.failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("route source answers again");
+                    }
+                    None
+                }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!(
+                    "route fetch took longer than {}s",
+                    SOURCE_TIMEOUT.as_secs()
+                )),
+            };
+            if let Some(error) = error {
+                if shared.failing.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(%error, "route refresh failed; serving the last table");
+                } else {
+                    tracing::warn!(%error, "route refresh failed; serving the last table");
+                }
+            }
+        });
+    }
+
+    fn lookup(&self, app: &str) -> Option<Arc<table::AppEntry>> {
+        self.table.load().get(app).cloned()
+    }
+}
+
+/// Ends a fetch: marks none running and wakes its waiters, also when the
+/// fetch task panics or is cancelled (so waiters can never hang on it).
+struct FetchDone<'a> {
+    shared: &'a Arc<Shared>,
+    fetched: Fetched,
+}
+
+impl Drop for FetchDone<'_> {
+    fn drop(&mut self) {
+        *self
+            .shared
+            .fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = false;
+        self.shared.fetched.send_replace(Some(self.fetched));
+    }
+}
+
+/// A bound, not yet serving, router.
+pub struct Router {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    refresh_interval: Duration,
+    shared: Arc<Shared>,
+}
+
+/// Reads the router's per-app concurrency while it serves, for the
+/// autoscaler. Cheap to clone.
+#[derive(Clone)]
+pub struct LoadReport {
+    shared: Arc<Shared>,
+}
+
+impl LoadReport {
+    /// Requests in flight per app (received and not finished, including
+    /// those held waiting for a ready instance). Apps seen since the router
+    /// started are listed, with 0 when idle.
+    pub fn in_flight(&self) -> BTreeMap<String, u64> {
+        self.shared.registry.in_flight()
+    }
+}
+
+impl Router {
+    /// Binds the listener (so callers know the port before serving; port 0
+    /// is allowed) and prepares the upstream client. Serves nothing until
+    /// [`Router::serve`].
+    pub async fn bind(
+        config: RouterConfig,
+        source: Arc<dyn RouteSource>,
+    ) -> Result<Router, RouterError> {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| RouterError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr()?;
+
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+
+        let shared = Arc::new(Shared {
+            domain: routing::normalize_domain(&config.domain),
+            wake_wait: config.wake_wait,
+            source,
+            table: ArcSwap::from_pointee(Table::default()),
+            registry: Registry::default(),
+            client,
+            clock: Instant::now(),
+            fetching: Mutex::new(false),
+            fetched: watch::channel(None).0,
+            ever_loaded: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
+        });
+        Ok(Router {
+            listener,
+            local_addr,
+            refresh_interval: config.refresh_interval.max(MIN_REFRESH_INTERVAL),
+            shared,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle to read per-app concurrency while the router serves.
+    pub fn load(&self) -> LoadReport {
+        LoadReport {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Refreshes the route table in the background and serves connections
+    /// until `shutdown` completes; then stops accepting, lets open requests
+    /// finish (up to a grace period) and returns.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RouterError> {
+        let Router {
+            listener,
+            local_addr,
+            refresh_interval,
+            shared,
+        } = self;
+
+        let refresher = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(refresh_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    shared.refresh_since(Instant::now()).await;
+                }
+            })
+        };
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .keep_alive(true);
+        builder.http2().timer(TokioTimer::new());
+
+        let graceful = GracefulShutdown::new();
+        // Connection tasks, so that any still open after the grace period
+        // can be ended rather than outliving `serve`.
+        let mut conns = tokio::task::JoinSet::new();
+        tracing::info!(addr = %local_addr, domain = %shared.domain, "router listening");
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                // Reap finished connection tasks so the set stays small.
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        // Best effort: only latency suffers if it fails.
+                        let _ = stream.set_nodelay(true);
+                        let shared = shared.clone();
+                        let service = service_fn(move |req| {
+                            let shared = shared.clone();
+                            async move { Ok::<_, Infallible>(shared.handle(req, peer).await) }
+                        });
+                        let conn = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .into_owned();
+                        let conn = graceful.watch(conn);
+                        conns.spawn(async move {
+                            if let Err(error) = conn.await {
+                                tracing::debug!(%peer, %error, "client connection ended with an error");
+                            }
+                        });
+                    }
+                    Err(error) => {
+                        // Usually out of file descriptors: back off instead of
+                        // spinning, the condition may clear as connections close.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+
+        drop(listener);
+        refresher.abort();
+        tracing::info!("router shutting down; letting open requests finish");
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = conns.len(),
+                "connections still open {}s after shutdown; closing them",
+                SHUTDOWN_GRACE.as_secs()
+            );
+            conns.abort_all();
+        }
+        Ok(())
+    }
+}
