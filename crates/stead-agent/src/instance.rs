@@ -1,0 +1,494 @@
+//! Running instances: starting them in sandboxes, watching their exit and
+//! health, forwarding the router's connections into their network
+//! namespace, stopping them, and adopting them after an agent restart.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use stead_api::{InstanceState, IntendedApp, ObservedInstance, RunSpec};
+use stead_sandbox::{NetworkMode, Output, Persisted, SandboxProcess, SandboxSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::decide::{Observed, Phase, StopReason};
+use crate::{now_ms, Shared};
+
+/// Port an app listens on inside its sandbox when its config names none.
+/// Every instance has a network namespace of its own, so all can use it.
+pub const DEFAULT_PORT: u16 = 8000;
+const PIDS_MAX: u64 = 4096;
+
+/// What survives an agent restart, in `instances/<id>/instance.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Record {
+    pub id: String,
+    pub app: String,
+    pub version: u32,
+    pub executor_id: String,
+    pub port: u16,
+    pub run: RunSpec,
+    pub started_at: i64,
+    pub sandbox: Persisted,
+}
+
+pub(crate) struct Instance {
+    pub id: String,
+    pub app: String,
+    pub version: u32,
+    pub executor_id: String,
+    pub phase: Phase,
+    pub started_at: i64,
+    pub endpoint: Option<SocketAddr>,
+    pub process: Option<Arc<SandboxProcess>>,
+    pub grace: Duration,
+    pub exit: Option<String>,
+    /// Forwarder, supervisor and health tasks: aborted when the instance is
+    /// forgotten.
+    pub tasks: Vec<JoinHandle<()>>,
+    /// Set when the agent itself stopped it, so the exit is not counted as
+    /// a crash.
+    pub stopped_by_agent: bool,
+}
+
+pub(crate) fn instance_dir(shared: &Shared, id: &str) -> PathBuf {
+    shared.instances_dir().join(id)
+}
+
+fn new_instance_id(app: &str, version: u32) -> String {
+    let suffix: u32 = rand::random();
+    format!("{app}-v{version}-{suffix:08x}")
+}
+
+/// The observed state, both for the decision and for the heartbeat.
+pub(crate) async fn observe(shared: &Shared) -> Vec<(Observed, ObservedInstance)> {
+    let instances = shared.instances.lock().await;
+    instances
+        .values()
+        .map(|i| {
+            let state = match i.phase {
+                Phase::Starting => InstanceState::Starting,
+                Phase::Ready | Phase::Unhealthy { .. } => InstanceState::Ready,
+                Phase::Stopping => InstanceState::Stopping,
+                Phase::Exited { .. } => InstanceState::Exited,
+            };
+            // An unhealthy instance keeps its slot until it is declared hung,
+            // but the router should not send it new requests meanwhile.
+            let endpoint = match i.phase {
+                Phase::Ready => i.endpoint.map(|e| e.to_string()),
+                _ => None,
+            };
+            let state = if matches!(i.phase, Phase::Unhealthy { .. }) { InstanceState::Starting } else { state };
+            (
+                Observed {
+                    id: i.id.clone(),
+                    app: i.app.clone(),
+                    version: i.version,
+                    phase: i.phase,
+                    started_at: i.started_at,
+                },
+                ObservedInstance {
+                    id: i.id.clone(),
+                    app: i.app.clone(),
+                    version: i.version,
+                    state,
+                    executor_id: i.executor_id.clone(),
+                    endpoint,
+                    pid: i.process.as_ref().map(|p| p.pid()),
+                    started_at_ms: i.started_at,
+                    exit: i.exit.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+async fn set_phase(shared: &Shared, id: &str, phase: Phase, exit: Option<String>) {
+    let mut instances = shared.instances.lock().await;
+    if let Some(i) = instances.get_mut(id) {
+        // Exited is final; Stopping is only left for Exited.
+        let allowed = match (i.phase, phase) {
+            (Phase::Exited { .. }, _) => false,
+            (Phase::Stopping, Phase::Exited { .. }) => true,
+            (Phase::Stopping, _) => false,
+            _ => true,
+        };
+        if allowed && i.phase != phase {
+            i.phase = phase;
+            if exit.is_some() {
+                i.exit = exit;
+            }
+            drop(instances);
+            shared.wake.notify_one();
+        }
+    }
+}
+
+/// Starts one instance of `spec`: records it as starting at once (so the
+/// next pass does not start it twice), then prepares the artifact and
+/// spawns the sandbox in the background.
+pub(crate) async fn start(shared: &Arc<Shared>, spec: IntendedApp) {
+    let id = new_instance_id(&spec.app, spec.version);
+    let now = now_ms();
+    {
+        let mut instances = shared.instances.lock().await;
+        instances.insert(
+            id.clone(),
+            Instance {
+                id: id.clone(),
+                app: spec.app.clone(),
+                version: spec.version,
+                executor_id: id.clone(),
+                phase: Phase::Starting,
+                started_at: now,
+                endpoint: None,
+                process: None,
+                grace: Duration::from_secs(spec.run.grace_s as u64),
+                exit: None,
+                tasks: Vec::new(),
+                stopped_by_agent: false,
+            },
+        );
+    }
+    tracing::info!(app = %spec.app, version = spec.version, instance = %id, host = %shared.config.name, "starting instance");
+    let shared2 = shared.clone();
+    let handle = tokio::spawn(async move {
+        if let Err(e) = launch(&shared2, &id, &spec, now).await {
+            tracing::warn!(app = %spec.app, version = spec.version, instance = %id, host = %shared2.config.name, error = %e, "instance failed to start");
+            shared2.history.lock().await.record(&spec.app, spec.version, now_ms());
+            set_phase(&shared2, &id, Phase::Exited { at: now_ms() }, Some(e)).await;
+        }
+    });
+    drop(handle);
+}
+
+async fn launch(shared: &Arc<Shared>, id: &str, spec: &IntendedApp, started_at: i64) -> Result<(), String> {
+    let app_dir = crate::build::ensure_artifact(shared, &spec.app, spec.version, &spec.artifact_hash)
+        .await
+        .map_err(|e| format!("could not prepare the build of {} v{}: {e}", spec.app, spec.version))?;
+    let dir = instance_dir(shared, id);
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let port = spec.run.port.unwrap_or(DEFAULT_PORT);
+    let mut env = base_env();
+    env.extend(spec.env.clone());
+    env.insert("PORT".into(), port.to_string());
+    env.insert("STEAD_INSTANCE".into(), id.to_string());
+    env.insert("DBOS__VMID".into(), id.to_string());
+    env.insert("DBOS__APPVERSION".into(), spec.version.to_string());
+    env.insert("DBOS__APPID".into(), spec.app_id.clone());
+    env.insert("DBOS_APP_NAME".into(), spec.app.clone());
+    env.insert("HOME".into(), app_dir.display().to_string());
+    let sandbox_spec = SandboxSpec {
+        id: id.to_string(),
+        cwd: app_dir,
+        command: spec.run.start.clone(),
+        env,
+        memory_mb: spec.run.memory_mb,
+        pids_max: PIDS_MAX,
+        stdout: Output::File(dir.join("stdout.log")),
+        stderr: Output::File(dir.join("stderr.log")),
+        network: NetworkMode::Isolated,
+    };
+    let process = shared
+        .sandbox
+        .spawn(sandbox_spec)
+        .await
+        .map_err(|e| format!("could not start the sandbox: {e}"))?;
+    let record = Record {
+        id: id.to_string(),
+        app: spec.app.clone(),
+        version: spec.version,
+        executor_id: id.to_string(),
+        port,
+        run: spec.run.clone(),
+        started_at,
+        sandbox: process.persisted(),
+    };
+    write_record(&dir, &record).map_err(|e| format!("recording the instance: {e}"))?;
+    attach(shared, record, process).await;
+    Ok(())
+}
+
+/// Environment every sandbox starts from: enough to find the tools of the
+/// host (the sandbox's root filesystem is the host's until hardening).
+pub(crate) fn base_env() -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for key in ["PATH", "LANG", "RUSTUP_HOME", "CARGO_HOME", "TZ"] {
+        if let Ok(v) = std::env::var(key) {
+            env.insert(key.to_string(), v);
+        }
+    }
+    env.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    env
+}
+
+fn write_record(dir: &Path, record: &Record) -> std::io::Result<()> {
+    let tmp = dir.join("instance.json.tmp");
+    let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(tmp, dir.join("instance.json"))
+}
+
+/// Wires a running sandbox into the agent: the forwarder that gives it an
+/// endpoint, the supervisor that notices its exit at once, and the health
+/// checker.
+async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
+    let process = Arc::new(process);
+    let id = record.id.clone();
+    let listener = match TcpListener::bind(SocketAddr::new(shared.config.advertise_ip, 0)).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(instance = %id, error = %e, "could not bind the instance's endpoint");
+            let _ = process.kill();
+            set_phase(shared, &id, Phase::Exited { at: now_ms() }, Some(format!("no endpoint: {e}"))).await;
+            return;
+        }
+    };
+    let endpoint = listener.local_addr().ok();
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(forward(listener, process.clone(), record.port, id.clone())));
+    // Supervisor: the exit is noticed the moment it happens.
+    {
+        let shared = shared.clone();
+        let process = process.clone();
+        let record = record.clone();
+        tasks.push(tokio::spawn(async move {
+            let info = process.wait().await;
+            let stopped_by_agent = {
+                let instances = shared.instances.lock().await;
+                instances.get(&record.id).map(|i| i.stopped_by_agent).unwrap_or(true)
+            };
+            if !stopped_by_agent {
+                tracing::warn!(app = %record.app, version = record.version, instance = %record.id, host = %shared.config.name, exit = %info.description, "instance exited");
+                shared.history.lock().await.record(&record.app, record.version, now_ms());
+            }
+            set_phase(&shared, &record.id, Phase::Exited { at: now_ms() }, Some(info.description)).await;
+        }));
+    }
+    tasks.push(tokio::spawn(health_loop(shared.clone(), process.clone(), record.clone())));
+    let mut instances = shared.instances.lock().await;
+    match instances.get_mut(&id) {
+        Some(i) => {
+            i.endpoint = endpoint;
+            i.process = Some(process);
+            i.tasks.extend(tasks);
+        }
+        None => {
+            // Forgotten meanwhile (e.g. stopped while starting): undo.
+            for t in tasks {
+                t.abort();
+            }
+            let _ = process.kill();
+        }
+    }
+}
+
+async fn forward(listener: TcpListener, process: Arc<SandboxProcess>, port: u16, id: String) {
+    loop {
+        let (mut inbound, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(instance = %id, error = %e, "accept failed on the instance endpoint");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let process = process.clone();
+        tokio::spawn(async move {
+            let _ = inbound.set_nodelay(true);
+            match process.connect(port).await {
+                Ok(mut upstream) => {
+                    let _ = upstream.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
+                }
+                Err(_) => {
+                    // Closing the inbound connection without a byte tells the
+                    // router the instance refused before anything was sent.
+                    drop(inbound);
+                }
+            }
+        });
+    }
+}
+
+/// One health probe: an HTTP GET of the health path when there is one
+/// (2xx/3xx passes), else the port accepting a connection.
+async fn probe(process: &SandboxProcess, port: u16, health: Option<&str>) -> bool {
+    let attempt = async {
+        let mut conn = process.connect(port).await.ok()?;
+        let Some(path) = health else { return Some(true) };
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: stead-health\r\nConnection: close\r\n\r\n");
+        conn.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 32];
+        let mut n = 0;
+        while n < 12 {
+            let m = conn.read(&mut buf[n..]).await.ok()?;
+            if m == 0 {
+                break;
+            }
+            n += m;
+        }
+        let line = std::str::from_utf8(&buf[..n]).ok()?;
+        let code: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some((200..400).contains(&code))
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(2), attempt).await, Ok(Some(true)))
+}
+
+async fn health_loop(shared: Arc<Shared>, process: Arc<SandboxProcess>, record: Record) {
+    let health = record.run.health.clone();
+    // Fast polling until the first success: start-to-ready latency matters.
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if probe(&process, record.port, health.as_deref()).await {
+            tracing::info!(app = %record.app, version = record.version, instance = %record.id, host = %shared.config.name, "instance ready");
+            set_phase(&shared, &record.id, Phase::Ready, None).await;
+            break;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+    let mut unhealthy_since: Option<i64> = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if probe(&process, record.port, health.as_deref()).await {
+            if unhealthy_since.take().is_some() {
+                set_phase(&shared, &record.id, Phase::Ready, None).await;
+            }
+        } else if unhealthy_since.is_none() {
+            let now = now_ms();
+            unhealthy_since = Some(now);
+            tracing::warn!(app = %record.app, version = record.version, instance = %record.id, "instance failed its health check");
+            set_phase(&shared, &record.id, Phase::Unhealthy { since: now }, None).await;
+        }
+    }
+}
+
+/// Stops an instance: no new traffic (it leaves the route table with the
+/// next heartbeat, as its state is `stopping`), SIGTERM, grace, SIGKILL.
+pub(crate) async fn stop(shared: &Arc<Shared>, id: &str, reason: StopReason) {
+    let (process, grace, app, version) = {
+        let mut instances = shared.instances.lock().await;
+        let Some(i) = instances.get_mut(id) else { return };
+        if matches!(i.phase, Phase::Stopping | Phase::Exited { .. }) {
+            return;
+        }
+        i.phase = Phase::Stopping;
+        i.stopped_by_agent = true;
+        (i.process.clone(), i.grace, i.app.clone(), i.version)
+    };
+    tracing::info!(app = %app, version, instance = %id, host = %shared.config.name, reason = reason.describe(), "stopping instance");
+    let shared = shared.clone();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let desc = match process {
+            Some(p) => {
+                let info = p.stop(grace).await;
+                format!("stopped ({}): {}", reason.describe(), info.description)
+            }
+            None => format!("stopped before it started ({})", reason.describe()),
+        };
+        set_phase(&shared, &id, Phase::Exited { at: now_ms() }, Some(desc)).await;
+    });
+}
+
+/// Drops an exited instance: ships its last log lines, removes its files.
+pub(crate) async fn forget(shared: &Arc<Shared>, id: &str) {
+    let removed = shared.instances.lock().await.remove(id);
+    let Some(instance) = removed else { return };
+    for t in &instance.tasks {
+        t.abort();
+    }
+    let shared = shared.clone();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        crate::logship::ship_instance(&shared, &instance.app, instance.version, &id).await;
+        let _ = tokio::fs::remove_dir_all(instance_dir(&shared, &id)).await;
+    });
+}
+
+/// Adopts the sandboxes an earlier run of this agent left running, so an
+/// agent restart neither kills nor duplicates them.
+pub(crate) async fn adopt_all(shared: &Arc<Shared>) {
+    let dir = shared.instances_dir();
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let record: Option<Record> = std::fs::read(path.join("instance.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let Some(record) = record else {
+            let _ = std::fs::remove_dir_all(&path);
+            continue;
+        };
+        match shared.sandbox.adopt(&record.sandbox) {
+            Ok(Some(process)) => {
+                tracing::info!(app = %record.app, version = record.version, instance = %record.id, host = %shared.config.name, "adopted running instance");
+                shared.instances.lock().await.insert(
+                    record.id.clone(),
+                    Instance {
+                        id: record.id.clone(),
+                        app: record.app.clone(),
+                        version: record.version,
+                        executor_id: record.executor_id.clone(),
+                        phase: Phase::Starting,
+                        started_at: record.started_at,
+                        endpoint: None,
+                        process: None,
+                        grace: Duration::from_secs(record.run.grace_s as u64),
+                        exit: None,
+                        tasks: Vec::new(),
+                        stopped_by_agent: false,
+                    },
+                );
+                attach(shared, record, process).await;
+            }
+            Ok(None) | Err(_) => {
+                tracing::info!(app = %record.app, version = record.version, instance = %record.id, "instance from an earlier agent run is gone");
+                crate::logship::ship_instance(shared, &record.app, record.version, &record.id).await;
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+    }
+}
+
+/// Stops every instance (used by `stead dev` on exit).
+pub(crate) async fn stop_all(shared: &Arc<Shared>) {
+    let list: Vec<(String, Option<Arc<SandboxProcess>>, Duration)> = {
+        let mut instances = shared.instances.lock().await;
+        instances
+            .values_mut()
+            .map(|i| {
+                i.stopped_by_agent = true;
+                (i.id.clone(), i.process.clone(), i.grace)
+            })
+            .collect()
+    };
+    let mut waits = Vec::new();
+    for (id, p, grace) in list {
+        if let Some(p) = p {
+            waits.push(tokio::spawn(async move {
+                p.stop(grace.min(Duration::from_secs(5))).await;
+                id
+            }));
+        }
+    }
+    for w in waits {
+        if let Ok(id) = w.await {
+            let (app, version) = {
+                let instances = shared.instances.lock().await;
+                match instances.get(&id) {
+                    Some(i) => (i.app.clone(), i.version),
+                    None => continue,
+                }
+            };
+            crate::logship::ship_instance(shared, &app, version, &id).await;
+            let _ = tokio::fs::remove_dir_all(instance_dir(shared, &id)).await;
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The long-running components: `stead server`, `stead agent`,
+//! `stead router`, and `stead tokens create` for bootstrapping.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// Database URL: `sqlite:///path/stead.db` or `postgres://user:pass@host/db`.
+    #[arg(long, env = "STEAD_DATABASE_URL")]
+    pub database: String,
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Folder for temporary uploads and the secrets key (`secret.key`).
+    #[arg(long, default_value = "./stead-server-data")]
+    pub data_dir: PathBuf,
+    /// Public URL of a router in front of the apps, shown to users.
+    #[arg(long)]
+    pub router_url: Option<String>,
+    /// Domain apps are served under (`<app>.<domain>`).
+    #[arg(long, default_value = "localhost")]
+    pub domain: String,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Control-plane URL(s), comma separated; the agent fails over between them.
+    #[arg(long, value_delimiter = ',', required = true, env = "STEAD_SERVER")]
+    pub server: Vec<String>,
+    /// Host token (`stead tokens create --host`).
+    #[arg(long, env = "STEAD_HOST_TOKEN", hide_env_values = true)]
+    pub token: String,
+    #[arg(long, default_value = "./stead-agent-data")]
+    pub data_dir: PathBuf,
+    /// Host name (default: the machine's host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Address the routers use to reach this host's instances.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub advertise_ip: std::net::IpAddr,
+    /// Do not run build tasks on this host.
+    #[arg(long)]
+    pub no_builds: bool,
+}
+
+#[derive(Args)]
+pub struct RouterArgs {
+    #[arg(long, value_delimiter = ',', required = true, env = "STEAD_SERVER")]
+    pub server: Vec<String>,
+    /// Host token (`stead tokens create --host`).
+    #[arg(long, env = "STEAD_HOST_TOKEN", hide_env_values = true)]
+    pub token: String,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = "localhost")]
+    pub domain: String,
+}
+
+#[derive(Subcommand)]
+pub enum TokensCommand {
+    /// Print a new API token.
+    Create {
+        #[arg(long, env = "STEAD_DATABASE_URL")]
+        database: String,
+        /// A user token for this organisation (created if new).
+        #[arg(long, conflicts_with = "host", required_unless_present = "host")]
+        org: Option<String>,
+        /// User name within the organisation.
+        #[arg(long, default_value = "admin")]
+        user: String,
+        /// A host token, for agents and routers.
+        #[arg(long)]
+        host: bool,
+    },
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let mut config = stead_server::ServerConfig::new(args.database, args.listen, args.data_dir);
+    config.router_url = args.router_url;
+    config.domain = args.domain;
+    let server = stead_server::Server::bind(config).await?;
+    eprintln!("stead server listening on http://{}", server.local_addr());
+    server.serve(shutdown_signal()).await?;
+    Ok(())
+}
+
+pub fn host_name() -> String {
+    nix_hostname().unwrap_or_else(|| "localhost".to_string())
+}
+
+fn nix_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let init = std::env::current_exe().context("finding the stead binary for the sandbox init")?;
+    let mut config = stead_agent::AgentConfig::new(
+        args.server,
+        args.token,
+        args.data_dir,
+        args.name.unwrap_or_else(host_name),
+        init,
+    );
+    config.advertise_ip = args.advertise_ip;
+    config.builds = !args.no_builds;
+    stead_agent::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
+    let source = Arc::new(stead_router::ApiRouteSource::new(args.server, args.token));
+    let config = router_config(args.listen, args.domain);
+    let router = stead_router::Router::bind(config, source).await?;
+    eprintln!("stead router listening on http://{}", router.local_addr());
+    router.serve(shutdown_signal()).await?;
+    Ok(())
+}
+
+pub fn router_config(listen: SocketAddr, domain: String) -> stead_router::RouterConfig {
+    stead_router::RouterConfig {
+        listen,
+        domain,
+        refresh_interval: Duration::from_millis(500),
+        wake_wait: Duration::from_secs(5),
+    }
+}
+
+pub async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokensCommand::Create { database, org, user, host } => {
+            let store = stead_store::Store::connect(&database).await?;
+            let token = if host {
+                store.create_host_token().await?
+            } else {
+                let Some(org) = org else { bail!("give --org NAME for a user token, or --host for a host token") };
+                store.create_user_token(&org, &user).await?
+            };
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
