@@ -75,9 +75,19 @@ struct StreamState {
     compressed: Cell<u64>,
     compressed_exceeded: Cell<bool>,
     input_failed: Cell<bool>,
-    decompressed: Cell<u64>,
     decoder_finished: Cell<bool>,
     decode_error: RefCell<Option<(io::ErrorKind, String)>>,
+    /// The first bytes of the input, to tell "not zstd at all" from "damaged zstd".
+    head: RefCell<Vec<u8>>,
+}
+
+/// A zstd frame, or a skippable frame (magic 0x184D2A50..=0x184D2A5F), little-endian.
+fn looks_like_zstd(head: &[u8]) -> bool {
+    match head {
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => true,
+        [m, 0x2a, 0x4d, 0x18, ..] => m & 0xf0 == 0x50,
+        _ => false,
+    }
 }
 
 impl StreamState {
@@ -92,13 +102,19 @@ impl StreamState {
             return BundleError::ReadInput { source: err };
         }
         if let Some((kind, detail)) = self.decode_error.borrow().clone() {
+            let head = self.head.borrow();
+            if head.is_empty() {
+                return BundleError::NotZstd {
+                    detail: "the upload is empty".into(),
+                };
+            }
+            if head.len() >= 4 && !looks_like_zstd(&head) {
+                return BundleError::NotZstd { detail };
+            }
             if kind == io::ErrorKind::UnexpectedEof {
                 return BundleError::Truncated {
                     detail: "the compressed stream ends in the middle of a zstd frame".into(),
                 };
-            }
-            if self.decompressed.get() == 0 {
-                return BundleError::NotZstd { detail };
             }
             return BundleError::CorruptZstd { detail };
         }
@@ -132,6 +148,12 @@ impl<R: Read> Read for InputCounter<'_, R> {
                 return Err(e);
             }
         };
+        let mut head = self.state.head.borrow_mut();
+        if head.len() < 4 {
+            let wanted = (4 - head.len()).min(n);
+            head.extend_from_slice(&buf[..wanted]);
+        }
+        drop(head);
         let total = self.state.compressed.get().saturating_add(n as u64);
         self.state.compressed.set(total);
         if total > self.limit {
@@ -155,11 +177,7 @@ impl<R: Read> Read for DecodeTap<'_, R> {
                 self.state.decoder_finished.set(true);
                 Ok(0)
             }
-            Ok(n) => {
-                let total = self.state.decompressed.get().saturating_add(n as u64);
-                self.state.decompressed.set(total);
-                Ok(n)
-            }
+            Ok(n) => Ok(n),
             Err(e) => {
                 if !self.state.input_failed.get() && !self.state.compressed_exceeded.get() {
                     *self.state.decode_error.borrow_mut() = Some((e.kind(), e.to_string()));
