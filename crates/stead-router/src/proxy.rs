@@ -462,6 +462,10 @@ impl Shared {
 
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers, upgrade);
+        // The router's server side already answers `Expect: 100-continue`
+        // (by reading the body); passing it on would only make the instance
+        // send an interim response nobody waits for.
+        headers.remove(header::EXPECT);
         // The public host, for the app and for X-Forwarded-Host. HTTP/2
         // requests carry it in the URI rather than a Host header.
         let host = match headers.get(header::HOST) {

@@ -86,6 +86,8 @@ struct FakeSource {
     table: Mutex<RouteTable>,
     fetches: AtomicUsize,
     delay: Duration,
+    /// When set, every fetch fails (a control plane that is down).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl FakeSource {
@@ -97,6 +99,7 @@ impl FakeSource {
             table: Mutex::new(RouteTable { apps }),
             fetches: AtomicUsize::new(0),
             delay,
+            failing: std::sync::atomic::AtomicBool::new(false),
         })
     }
     fn set(&self, apps: Vec<AppRoute>) {
@@ -113,6 +116,9 @@ impl RouteSource for FakeSource {
             self.fetches.fetch_add(1, Ordering::SeqCst);
             if !self.delay.is_zero() {
                 tokio::time::sleep(self.delay).await;
+            }
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(RouterError::Source("control plane is down".into()));
             }
             Ok(self.table.lock().unwrap().clone())
         })
@@ -257,7 +263,8 @@ async fn serve_upstream(state: UpState, mut req: Request<Incoming>) -> Response<
             let gate = state.gate.clone();
             tokio::spawn(async move {
                 let _ = tx.send(Bytes::from_static(b"first")).await;
-                let _ = tokio::time::timeout(T, gate.notified()).await;
+                // Longer than any test wait, so a buffering router fails the test.
+                let _ = tokio::time::timeout(3 * T, gate.notified()).await;
                 let _ = tx.send(Bytes::from_static(b"second")).await;
             });
             Response::new(body)
@@ -863,4 +870,217 @@ async fn upgrades_are_passed_through() {
     assert_eq!(&buf, b"ping");
     drop(io);
     router.shutdown().await;
+}
+
+#[tokio::test]
+async fn upstream_closing_the_connection_is_502() {
+    // Accepts connections and closes them without answering.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            drop(s);
+        }
+    });
+    let source = FakeSource::new(vec![app("rude", Some(2), &[("i-rude", addr)])]);
+    let router = TestRouter::start(source, Duration::from_secs(2)).await;
+    let c = client();
+    let resp = send(&c, get(&router.url("/"), Some("rude.localhost"))).await;
+    assert_eq!(resp.status(), 502);
+    let err = error_body(resp).await;
+    assert_eq!(err.error, "upstream_error");
+    assert!(err.message.contains("i-rude"), "{}", err.message);
+    assert!(err.message.contains("version 2"), "{}", err.message);
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn removed_endpoints_stop_getting_traffic() {
+    let a = upstream("a").await;
+    let b = upstream("b").await;
+    let source = FakeSource::new(vec![app(
+        "drain",
+        Some(1),
+        &[("i-a", a.addr), ("i-b", b.addr)],
+    )]);
+    let router = TestRouter::start_with(
+        source.clone(),
+        Duration::from_secs(2),
+        Duration::from_millis(50),
+    )
+    .await;
+    let c = client();
+    for _ in 0..4 {
+        text(send(&c, get(&router.url("/"), Some("drain.localhost"))).await).await;
+    }
+    assert!(a.hits.load(Ordering::SeqCst) > 0);
+    // i-a starts draining: the control plane drops it from the routes.
+    source.set(vec![app("drain", Some(2), &[("i-b", b.addr)])]);
+    let deadline = Instant::now() + T;
+    loop {
+        let resp = send(&c, get(&router.url("/"), Some("drain.localhost"))).await;
+        let v = resp.headers()["x-stead-version"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        text(resp).await;
+        if v == "2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "route table never refreshed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = a.hits.load(Ordering::SeqCst);
+    for _ in 0..6 {
+        let resp = send(&c, get(&router.url("/"), Some("drain.localhost"))).await;
+        assert_eq!(resp.headers()["x-stead-instance"], "i-b");
+        text(resp).await;
+    }
+    assert_eq!(a.hits.load(Ordering::SeqCst), before);
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn unreachable_control_plane_before_any_table_is_503() {
+    let source = FakeSource::new(vec![]);
+    source.failing.store(true, Ordering::SeqCst);
+    let router = TestRouter::start(source.clone(), Duration::from_millis(500)).await;
+    let c = client();
+    let resp = send(&c, get(&router.url("/"), Some("any.localhost"))).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(error_body(resp).await.error, "routes_unavailable");
+
+    // Once a table was loaded, a failing source keeps the last one serving.
+    let up = upstream("kept").await;
+    source.set(vec![app("kept", Some(1), &[("i-1", up.addr)])]);
+    source.failing.store(false, Ordering::SeqCst);
+    let resp = send(&c, get(&router.url("/"), Some("kept.localhost"))).await;
+    assert_eq!(resp.status(), 200);
+    text(resp).await;
+    source.failing.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resp = send(&c, get(&router.url("/"), Some("kept.localhost"))).await;
+    assert_eq!(resp.status(), 200);
+    text(resp).await;
+    router.shutdown().await;
+}
+
+/// A stand-in control plane serving `GET /v1/routes`, for `ApiRouteSource`.
+async fn control_plane(
+    token: &'static str,
+    table: RouteTable,
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let body = serde_json::to_string(&table).unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let body = body.clone();
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let body = body.clone();
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push(req.uri().path().to_string());
+                        let auth = req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok());
+                        let resp = if auth != Some(&format!("Bearer {token}")) {
+                            Response::builder()
+                                .status(401)
+                                .body(TestBody::text(
+                                    r#"{"error":"unauthorized","message":"bad token"}"#,
+                                ))
+                                .unwrap()
+                        } else if req.uri().path() != "/v1/routes" {
+                            Response::builder()
+                                .status(404)
+                                .body(TestBody::empty())
+                                .unwrap()
+                        } else {
+                            Response::builder()
+                                .header("content-type", "application/json")
+                                .body(TestBody::text(body))
+                                .unwrap()
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn api_route_source_fetches_with_token_and_fails_over() {
+    use stead_router::ApiRouteSource;
+    let table = RouteTable {
+        apps: vec![app(
+            "hello",
+            Some(3),
+            &[("i-1", "127.0.0.1:9".parse().unwrap())],
+        )],
+    };
+    let (good, seen) = control_plane("secret", table.clone()).await;
+    let dead = dead_addr().await;
+
+    // The first server is down; the second answers.
+    let src = ApiRouteSource::new(
+        vec![format!("http://{dead}"), format!("http://{good}/")],
+        "secret".into(),
+    );
+    let got = within("fetch", src.fetch()).await.unwrap();
+    assert_eq!(got, table);
+    assert_eq!(seen.lock().unwrap().as_slice(), ["/v1/routes"]);
+    // And again (now starting from the server that answered).
+    assert_eq!(within("fetch again", src.fetch()).await.unwrap(), table);
+
+    // A wrong token is an error that says what the server said.
+    let src = ApiRouteSource::new(vec![format!("http://{good}")], "wrong".into());
+    let err = within("fetch", src.fetch()).await.unwrap_err().to_string();
+    assert!(err.contains("401"), "{err}");
+
+    // No server at all.
+    let src = ApiRouteSource::new(vec![], "x".into());
+    assert!(within("fetch", src.fetch()).await.is_err());
+}
+
+#[tokio::test]
+async fn router_with_api_route_source_end_to_end() {
+    let up = upstream("e2e").await;
+    let table = RouteTable {
+        apps: vec![app("hello", Some(1), &[("i-1", up.addr)])],
+    };
+    let (cp, _) = control_plane("tok", table).await;
+    let source = Arc::new(stead_router::ApiRouteSource::new(
+        vec![format!("http://{cp}")],
+        "tok".into(),
+    ));
+    let config = RouterConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..RouterConfig::default()
+    };
+    let router = Router::bind(config, source).await.unwrap();
+    let addr = router.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(router.serve(async move {
+        let _ = stopped.await;
+    }));
+    let c = client();
+    let resp = send(&c, get(&format!("http://{addr}/apps/hello/x"), None)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(json(resp).await["uri"], "/x");
+    let _ = stop.send(());
+    within("shutdown", task).await.unwrap().unwrap();
 }
