@@ -425,6 +425,12 @@ pub struct LeaseRequest {
     pub session: String,
 }
 
+/// Answer to a lease renewal: the build is still this session's until then.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct LeaseResponse {
+    pub lease_expires_at_ms: i64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct BuildLogAppend {
     pub host_id: String,

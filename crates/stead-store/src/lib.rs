@@ -140,24 +140,36 @@ impl Store {
             });
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
-        let pool = loop {
-            match options.clone().connect(&url).await {
-                Ok(pool) => break pool,
-                Err(e) => {
-                    // A SQLite file that cannot be opened will not get better by waiting.
-                    if is_sqlite || started.elapsed() + delay > timeout {
-                        return Err(StoreError::Unavailable {
-                            database,
-                            waited_s: started.elapsed().as_secs(),
-                            message: e.to_string(),
-                        });
-                    }
-                    tracing::warn!(database = %database, error = %e, "database not reachable yet; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+        // Probe with a single connection first so each attempt is bounded by
+        // the time left (a pool would wait out its whole acquire timeout).
+        loop {
+            let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
+            let attempt = tokio::time::timeout(left, <sqlx::AnyConnection as sqlx::Connection>::connect(&url)).await;
+            let error = match attempt {
+                Ok(Ok(conn)) => {
+                    let _ = sqlx::Connection::close(conn).await;
+                    break;
                 }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_string(),
+            };
+            // A SQLite file that cannot be opened will not get better by waiting.
+            if is_sqlite || started.elapsed() + delay > timeout {
+                return Err(StoreError::Unavailable {
+                    database,
+                    waited_s: started.elapsed().as_secs(),
+                    message: error,
+                });
             }
-        };
+            tracing::warn!(database = %database, error = %error, "database not reachable yet; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        let pool = options.connect(&url).await.map_err(|e| StoreError::Unavailable {
+            database: database.clone(),
+            waited_s: started.elapsed().as_secs(),
+            message: e.to_string(),
+        })?;
         let store = Store {
             pool,
             backend,
