@@ -391,7 +391,10 @@ pub(crate) fn symlink_target(shown_path: &str, raw: Option<&[u8]>) -> Result<Pat
 }
 
 /// Hard-link targets name another entry, so they obey the entry-name rules.
-pub(crate) fn hardlink_target(shown_path: &str, raw: Option<&[u8]>) -> Result<PathBuf, BundleError> {
+pub(crate) fn hardlink_target(
+    shown_path: &str,
+    raw: Option<&[u8]>,
+) -> Result<PathBuf, BundleError> {
     let raw = raw.unwrap_or_default();
     let target = entry_path(raw).map_err(|_| BundleError::BadHardLink {
         path: shown_path.to_owned(),

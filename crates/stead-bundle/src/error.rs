@@ -248,6 +248,31 @@ pub enum BundleError {
     },
 }
 
+impl BundleError {
+    /// Whether the archive itself is at fault (hostile, malformed, too big),
+    /// as opposed to local I/O or the connection: a server answers the
+    /// former with a 4xx naming the problem, and the latter with a 5xx or a
+    /// retry.
+    pub fn is_bad_archive(&self) -> bool {
+        !matches!(
+            self,
+            BundleError::ReadSource { .. }
+                | BundleError::NotAFolder { .. }
+                | BundleError::Walk { .. }
+                | BundleError::WriteOutput { .. }
+                | BundleError::ReadInput { .. }
+                | BundleError::BadDestination { .. }
+                | BundleError::Unpack { .. }
+        )
+    }
+
+    /// Whether one of the [`Limits`](crate::Limits) was exceeded (HTTP 413
+    /// rather than 400).
+    pub fn is_limit(&self) -> bool {
+        matches!(self, BundleError::LimitExceeded { .. })
+    }
+}
+
 fn describe_limit(limit: Limit, value: u64) -> String {
     match limit {
         Limit::Compressed => format!(

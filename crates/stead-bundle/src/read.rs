@@ -345,10 +345,7 @@ fn run<R: Read>(
     let mut checker = Checker::new(policy, *limits);
     let mut inspection = Inspection::default();
     {
-        let entries = archive
-            .entries()
-            .map_err(|e| state.classify(e))?
-            .raw(true);
+        let entries = archive.entries().map_err(|e| state.classify(e))?.raw(true);
         let mut ext = Extensions::default();
         for entry in entries {
             let mut entry = entry.map_err(|e| state.classify(e))?;

@@ -20,10 +20,15 @@ fn limits() -> Limits {
 #[test]
 fn absolute_entry_paths_are_refused() {
     for policy in BOTH {
-        let bundle = Raw::new().file("/etc/passwd", b"root::0:0::/:/bin/sh\n").zst();
-        let err = assert_refused(&bundle, policy, &limits(), |e| {
-            matches!(e, BundleError::AbsolutePath { path } if path == "/etc/passwd")
-        });
+        let bundle = Raw::new()
+            .file("/etc/passwd", b"root::0:0::/:/bin/sh\n")
+            .zst();
+        let err = assert_refused(
+            &bundle,
+            policy,
+            &limits(),
+            |e| matches!(e, BundleError::AbsolutePath { path } if path == "/etc/passwd"),
+        );
         assert!(err.to_string().contains("absolute path"), "{err}");
     }
 }
@@ -33,9 +38,12 @@ fn parent_dir_entry_paths_are_refused() {
     for policy in BOTH {
         for name in ["../etc/passwd", "a/../../etc/passwd", "a/.."] {
             let bundle = Raw::new().file(name, b"x").zst();
-            let err = assert_refused(&bundle, policy, &limits(), |e| {
-                matches!(e, BundleError::PathEscapes { path } if path == name)
-            });
+            let err = assert_refused(
+                &bundle,
+                policy,
+                &limits(),
+                |e| matches!(e, BundleError::PathEscapes { path } if path == name),
+            );
             if name == "../etc/passwd" {
                 assert_eq!(
                     err.to_string(),
@@ -77,9 +85,12 @@ fn bundle_symlinks_must_stay_inside() {
         ("sneaky", "a/../../x"),
     ] {
         let bundle = Raw::new().symlink(name, target).zst();
-        let err = assert_refused(&bundle, Policy::Bundle, &limits(), |e| {
-            matches!(e, BundleError::LinkEscapes { path, target: t } if path == name && t == target)
-        });
+        let err = assert_refused(
+            &bundle,
+            Policy::Bundle,
+            &limits(),
+            |e| matches!(e, BundleError::LinkEscapes { path, target: t } if path == name && t == target),
+        );
         assert!(err.to_string().contains("points outside the app folder"));
     }
     // Inside is fine.
@@ -89,12 +100,7 @@ fn bundle_symlinks_must_stay_inside() {
         .symlink("a/b/up", "../../a/b/f")
         .symlink("dangling", "not/there")
         .zst();
-    common::assert_accepted(
-        &bundle,
-        Policy::Bundle,
-        &limits(),
-        &tmp.path().join("out"),
-    );
+    common::assert_accepted(&bundle, Policy::Bundle, &limits(), &tmp.path().join("out"));
 }
 
 #[test]
@@ -105,25 +111,34 @@ fn bundle_symlinks_escaping_through_other_symlinks_are_refused() {
         .symlink("here", ".")
         .symlink("esc", "here/../etc")
         .zst();
-    assert_refused(&bundle, Policy::Bundle, &limits(), |e| {
-        matches!(e, BundleError::LinkEscapes { path, .. } if path == "esc")
-    });
+    assert_refused(
+        &bundle,
+        Policy::Bundle,
+        &limits(),
+        |e| matches!(e, BundleError::LinkEscapes { path, .. } if path == "esc"),
+    );
     // Order does not matter: the chain is checked once the tree is complete.
     let bundle = Raw::new()
         .symlink("esc", "d/here/../../etc")
         .symlink("d/here", "..")
         .zst();
-    assert_refused(&bundle, Policy::Bundle, &limits(), |e| {
-        matches!(e, BundleError::LinkEscapes { path, .. } if path == "esc")
-    });
+    assert_refused(
+        &bundle,
+        Policy::Bundle,
+        &limits(),
+        |e| matches!(e, BundleError::LinkEscapes { path, .. } if path == "esc"),
+    );
 }
 
 #[test]
 fn hard_links_are_refused_in_bundles_and_confined_in_artifacts() {
     let bundle = Raw::new().file("f", b"f").hardlink("h", "f").zst();
-    assert_refused(&bundle, Policy::Bundle, &limits(), |e| {
-        matches!(e, BundleError::Unsupported { kind, .. } if kind == "hard link")
-    });
+    assert_refused(
+        &bundle,
+        Policy::Bundle,
+        &limits(),
+        |e| matches!(e, BundleError::Unsupported { kind, .. } if kind == "hard link"),
+    );
     for target in ["/etc/passwd", "../../etc/passwd", "missing", "link", "d"] {
         let bundle = Raw::new()
             .file("f", b"f")
@@ -131,9 +146,12 @@ fn hard_links_are_refused_in_bundles_and_confined_in_artifacts() {
             .dir("d")
             .hardlink("h", target)
             .zst();
-        assert_refused(&bundle, Policy::Artifact, &limits(), |e| {
-            matches!(e, BundleError::BadHardLink { path, target: t } if path == "h" && t == target)
-        });
+        assert_refused(
+            &bundle,
+            Policy::Artifact,
+            &limits(),
+            |e| matches!(e, BundleError::BadHardLink { path, target: t } if path == "h" && t == target),
+        );
     }
 }
 
@@ -174,7 +192,13 @@ fn nothing_is_written_through_a_symlink() {
         .file("alias/f", b"x")
         .zst();
     assert_refused(&bundle, Policy::Bundle, &limits(), |e| {
-        matches!(e, BundleError::ThroughNonDir { parent_kind: "symlink", .. })
+        matches!(
+            e,
+            BundleError::ThroughNonDir {
+                parent_kind: "symlink",
+                ..
+            }
+        )
     });
 
     // Replacing the link by a file of the same name would open it through the link.
@@ -182,9 +206,12 @@ fn nothing_is_written_through_a_symlink() {
         .symlink("link", &format!("{target}/replaced"))
         .file("link", b"pwned")
         .zst();
-    assert_refused(&bundle, Policy::Artifact, &limits(), |e| {
-        matches!(e, BundleError::Duplicate { path } if path == "link")
-    });
+    assert_refused(
+        &bundle,
+        Policy::Artifact,
+        &limits(),
+        |e| matches!(e, BundleError::Duplicate { path } if path == "link"),
+    );
     assert_eq!(listing(&outside), Vec::<String>::new());
 
     // And a hard link to a symlink would be one more way to reach outside.
@@ -201,7 +228,13 @@ fn nothing_is_written_through_a_symlink() {
 fn entries_inside_files_and_duplicates_are_refused() {
     let bundle = Raw::new().file("f", b"f").file("f/g", b"g").zst();
     assert_refused(&bundle, Policy::Bundle, &limits(), |e| {
-        matches!(e, BundleError::ThroughNonDir { parent_kind: "file", .. })
+        matches!(
+            e,
+            BundleError::ThroughNonDir {
+                parent_kind: "file",
+                ..
+            }
+        )
     });
     let bundle = Raw::new().file("f", b"1").file("./f", b"2").zst();
     assert_refused(&bundle, Policy::Bundle, &limits(), |e| {
@@ -223,9 +256,12 @@ fn devices_and_fifos_are_refused() {
             (EntryType::new(b'Z'), "entry of unknown type `Z`"),
         ] {
             let bundle = Raw::new().file("ok", b"").special("dev", etype).zst();
-            assert_refused(&bundle, policy, &limits(), |e| {
-                matches!(e, BundleError::Unsupported { path, kind: k, .. } if path == "dev" && k == kind)
-            });
+            assert_refused(
+                &bundle,
+                policy,
+                &limits(),
+                |e| matches!(e, BundleError::Unsupported { path, kind: k, .. } if path == "dev" && k == kind),
+            );
         }
     }
 }
@@ -318,10 +354,7 @@ fn header_size_lies_are_caught() {
     // entry boundaries than we do, so it is refused.
     let pax = b"16 size=1000000\n";
     let ph = raw_header(b"pax", EntryType::XHeader, pax.len() as u64);
-    let bundle = Raw::new()
-        .header(&ph, pax)
-        .file("f", b"small")
-        .zst();
+    let bundle = Raw::new().header(&ph, pax).file("f", b"small").zst();
     assert_refused(&bundle, Policy::Bundle, &limits(), |e| {
         matches!(e, BundleError::UnsupportedExtension { .. })
     });
@@ -331,9 +364,12 @@ fn header_size_lies_are_caught() {
     sh.as_gnu_mut().unwrap().set_real_size(1 << 40);
     sh.set_cksum();
     let bundle = Raw::new().header(&sh, &[0u8; 512]).zst();
-    assert_refused(&bundle, Policy::Artifact, &limits(), |e| {
-        matches!(e, BundleError::Unsupported { kind, .. } if kind == "sparse file")
-    });
+    assert_refused(
+        &bundle,
+        Policy::Artifact,
+        &limits(),
+        |e| matches!(e, BundleError::Unsupported { kind, .. } if kind == "sparse file"),
+    );
 }
 
 #[test]
@@ -358,29 +394,35 @@ fn long_names_cannot_smuggle_escapes() {
     // GNU long name and PAX path carry the real name; it is checked like any other.
     let name = b"../../../../etc/cron.d/evil\0";
     let lh = raw_header(b"././@LongLink", EntryType::GNULongName, name.len() as u64);
-    let bundle = Raw::new()
-        .header(&lh, name)
-        .file("innocent", b"x")
-        .zst();
-    assert_refused(&bundle, Policy::Artifact, &limits(), |e| {
-        matches!(e, BundleError::PathEscapes { path } if path == "../../../../etc/cron.d/evil")
-    });
+    let bundle = Raw::new().header(&lh, name).file("innocent", b"x").zst();
+    assert_refused(
+        &bundle,
+        Policy::Artifact,
+        &limits(),
+        |e| matches!(e, BundleError::PathEscapes { path } if path == "../../../../etc/cron.d/evil"),
+    );
 
     let pax = b"21 path=/etc/shadow2\n";
     let ph = raw_header(b"pax", EntryType::XHeader, pax.len() as u64);
     let bundle = Raw::new().header(&ph, pax).file("innocent", b"x").zst();
-    assert_refused(&bundle, Policy::Artifact, &limits(), |e| {
-        matches!(e, BundleError::AbsolutePath { path } if path == "/etc/shadow2")
-    });
+    assert_refused(
+        &bundle,
+        Policy::Artifact,
+        &limits(),
+        |e| matches!(e, BundleError::AbsolutePath { path } if path == "/etc/shadow2"),
+    );
 
     let link = b"../../../../etc\0";
     let kh = raw_header(b"././@LongLink", EntryType::GNULongLink, link.len() as u64);
     let mut sh = raw_header(b"innocent", EntryType::Symlink, 0);
     set_link(&mut sh, b"inside");
     let bundle = Raw::new().header(&kh, link).header(&sh, &[]).zst();
-    assert_refused(&bundle, Policy::Bundle, &limits(), |e| {
-        matches!(e, BundleError::LinkEscapes { target, .. } if target == "../../../../etc")
-    });
+    assert_refused(
+        &bundle,
+        Policy::Bundle,
+        &limits(),
+        |e| matches!(e, BundleError::LinkEscapes { target, .. } if target == "../../../../etc"),
+    );
 }
 
 #[test]
@@ -409,7 +451,10 @@ fn too_many_files_are_refused() {
         max_files: 20,
         ..Limits::default()
     };
-    assert_eq!(inspect(&bundle[..], Policy::Bundle, &exact).unwrap().files, 20);
+    assert_eq!(
+        inspect(&bundle[..], Policy::Bundle, &exact).unwrap().files,
+        20
+    );
 }
 
 #[test]
@@ -460,6 +505,17 @@ fn garbage_is_not_a_bundle() {
             .to_string()
             .starts_with("the upload is not a zstd-compressed tar archive: "));
     }
+    let err = inspect(&b""[..], Policy::Bundle, &limits()).unwrap_err();
+    assert!(matches!(err, BundleError::NotZstd { .. }), "{err:?}");
+    assert!(err.to_string().contains("empty"), "{err}");
+    // A valid zstd frame of nothing is an empty archive.
+    assert_eq!(
+        inspect(&zst(b"")[..], Policy::Bundle, &limits())
+            .unwrap()
+            .files,
+        0
+    );
+
     // Valid zstd around something that is not tar.
     let bundle = zst(&[b'x'; 4096]);
     assert_refused(&bundle, Policy::Bundle, &limits(), |e| {
@@ -508,7 +564,13 @@ fn config_files_must_be_small_regular_utf8_files() {
     let big = vec![b'#'; 1024 * 1024 + 1];
     let bundle = Raw::new().file("stead.toml", &big).zst();
     assert_refused(&bundle, Policy::Bundle, &limits(), |e| {
-        matches!(e, BundleError::ConfigTooLarge { name: "stead.toml", .. })
+        matches!(
+            e,
+            BundleError::ConfigTooLarge {
+                name: "stead.toml",
+                ..
+            }
+        )
     });
     let bundle = Raw::new()
         .file("real.toml", b"x")

@@ -65,7 +65,9 @@ fn pack_inspect_unpack_round_trip() {
         calls.last().copied(),
         Some((stats.files, stats.unpacked_bytes))
     );
-    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+    assert!(calls
+        .windows(2)
+        .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
 
     let dest = tmp.path().join("out");
     let seen = assert_accepted(&out, Policy::Bundle, &Limits::default(), &dest);
@@ -89,12 +91,19 @@ fn pack_inspect_unpack_round_trip() {
     }
 
     let mode = |rel: &str| fs::metadata(dest.join(rel)).unwrap().mode() & 0o7777;
-    assert_eq!(mode("run.sh"), 0o755, "executable bit kept, readable by all");
+    assert_eq!(
+        mode("run.sh"),
+        0o755,
+        "executable bit kept, readable by all"
+    );
     assert_eq!(mode("src/main.py"), 0o644, "setuid dropped");
     assert_eq!(mode("empty/dir"), 0o755);
 
     let link = dest.join("main-link");
-    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert_eq!(fs::read_link(&link).unwrap(), Path::new("src/main.py"));
     assert_eq!(fs::read_to_string(&link).unwrap(), "print('hello')\n");
 }
@@ -139,12 +148,20 @@ fn default_excludes_skip_folders_at_any_depth() {
 fn steadignore_is_honoured_like_gitignore() {
     let tmp = tempfile::tempdir().unwrap();
     let app = tmp.path().join("app");
-    write(&app, ".steadignore", "*.log\n!keep.log\nsecrets/\n/data.db\n");
+    write(
+        &app,
+        ".steadignore",
+        "*.log\n!keep.log\nsecrets/\n/data.db\n",
+    );
     write(&app, "a.log", "");
     write(&app, "keep.log", "");
     write(&app, "secrets/key", "");
     write(&app, "data.db", "");
-    write(&app, "sub/data.db", "anchored pattern only matches at the root");
+    write(
+        &app,
+        "sub/data.db",
+        "anchored pattern only matches at the root",
+    );
     write(&app, "sub/b.log", "");
     write(&app, "sub/.steadignore", "local.txt\n");
     write(&app, "sub/local.txt", "");

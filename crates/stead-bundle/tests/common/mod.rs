@@ -117,6 +117,7 @@ pub fn assert_refused(
 ) -> BundleError {
     let err = inspect(bundle, policy, limits).expect_err("inspect accepted a hostile archive");
     assert!(expected(&err), "inspect gave an unexpected error: {err:?}");
+    assert!(err.is_bad_archive(), "{err:?}");
 
     let tmp = tempfile::tempdir().unwrap();
     let fresh = tmp.path().join("fresh");
