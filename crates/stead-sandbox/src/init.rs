@@ -1,0 +1,559 @@
+//! The sandbox init: the code that runs inside a sandbox's namespaces before
+//! (and while) the user's command runs.
+//!
+//! Three processes, each with one job:
+//!
+//! * **outer init** — the binary the agent starts (`<init_exe>
+//!   __sandbox-init <config-fd> <status-fd>`), already in the sandbox's
+//!   cgroup and in fresh mount/uts/ipc(/net) namespaces, but still in the
+//!   agent's pid namespace (unshare(CLONE_NEWPID) only applies to children).
+//!   It makes mounts private, sets the hostname, brings `lo` up, forks pid 1,
+//!   forwards the signals it gets to it and finally exits *like* the command
+//!   did (same exit status, or re-raising the same signal) so that the agent,
+//!   whose child it is, sees the command's status.
+//! * **pid 1** of the new pid namespace — mounts a fresh `/proc`, forks the
+//!   command, forwards signals to the command's process group, reaps zombies
+//!   and exits when the command exits (the kernel then kills whatever is left
+//!   in the namespace). It exists because a pid 1 ignores every signal it has
+//!   no handler for: `sh -c` as pid 1 would ignore SIGTERM.
+//! * **the command** — `/bin/sh -c <command>` with the spec's environment and
+//!   working directory, in its own process group, with default signal
+//!   dispositions.
+//!
+//! Setup errors are written to the status pipe (whose other end the agent
+//! reads): end-of-file without a message means `/bin/sh` was executed (the
+//! pipe is close-on-exec).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::ffi::{CString, OsString};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use nix::errno::Errno;
+use nix::mount::{mount, MsFlags};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+use serde::{Deserialize, Serialize};
+
+/// `argv[1]` that makes a binary run [`init_main`].
+pub const INIT_SUBCOMMAND: &str = "__sandbox-init";
+
+/// Exit status of the outer init when setting up the sandbox failed (the
+/// same convention as container runtimes: 125 = the runtime failed).
+pub const EXIT_SETUP_FAILED: i32 = 125;
+/// Exit status when `/bin/sh` could not be executed (shell convention).
+pub const EXIT_EXEC_FAILED: i32 = 127;
+
+/// What the agent tells the init, as JSON in a memfd (not in argv or the
+/// environment: the environment holds the app's secrets).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct InitConfig {
+    pub id: String,
+    pub hostname: String,
+    pub cwd: PathBuf,
+    pub command: String,
+    pub env: BTreeMap<String, String>,
+    /// Bring `lo` up (the sandbox has its own network namespace).
+    pub loopback_up: bool,
+}
+
+/// Signals the init processes pass on towards the command.
+const FORWARDED: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// A failed setup step: what we were doing, and the OS error.
+struct InitError {
+    step: String,
+    source: io::Error,
+}
+
+impl fmt::Display for InitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.step, self.source)
+    }
+}
+
+trait Ctx<T> {
+    fn ctx(self, step: impl Into<String>) -> Result<T, InitError>;
+}
+
+impl<T> Ctx<T> for Result<T, Errno> {
+    fn ctx(self, step: impl Into<String>) -> Result<T, InitError> {
+        self.map_err(|e| InitError {
+            step: step.into(),
+            source: io::Error::from(e),
+        })
+    }
+}
+
+impl<T> Ctx<T> for Result<T, io::Error> {
+    fn ctx(self, step: impl Into<String>) -> Result<T, InitError> {
+        self.map_err(|source| InitError {
+            step: step.into(),
+            source,
+        })
+    }
+}
+
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit(2) is always safe; we skip atexit handlers and stdio
+    // flushing on purpose (they belong to the process we forked from).
+    unsafe { libc::_exit(code) }
+}
+
+/// Writes a setup error to the status pipe for the agent to read.
+fn report(status: &OwnedFd, err: &InitError) {
+    let msg = err.to_string();
+    let mut buf = msg.as_bytes();
+    while !buf.is_empty() {
+        // SAFETY: writing from a valid buffer to an fd we own.
+        let n = unsafe { libc::write(status.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // Nobody to tell (the agent is gone); the log file is all we have.
+            eprintln!("stead-sandbox init: {msg}");
+            return;
+        }
+        buf = &buf[n as usize..];
+    }
+}
+
+fn fail(status: &OwnedFd, err: &InitError, code: i32) -> ! {
+    report(status, err);
+    exit_now(code)
+}
+
+fn parse_args(args: &[OsString]) -> Option<(RawFd, RawFd)> {
+    if args.get(1)?.as_bytes() != INIT_SUBCOMMAND.as_bytes() {
+        return None;
+    }
+    let fd = |i: usize| -> Option<RawFd> { args.get(i)?.to_str()?.parse().ok().filter(|fd| *fd > 2) };
+    Some((fd(2)?, fd(3)?))
+}
+
+/// Body of the `__sandbox-init` hidden subcommand: the agent re-executes
+/// its own binary (or a small helper) with it to set up a sandbox. Never
+/// returns: it ends up exiting with the sandboxed command's status.
+pub fn init_main() -> ! {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let Some((config_fd, status_fd)) = parse_args(&args) else {
+        eprintln!(
+            "usage: {INIT_SUBCOMMAND} <config-fd> <status-fd>\n\
+             (the sandbox init is started by the Stead agent, not by hand)"
+        );
+        exit_now(EXIT_SETUP_FAILED)
+    };
+    // SAFETY: the agent passed these two descriptors to us (it cleared their
+    // close-on-exec flag for this exec) and nothing else here owns them.
+    let (config, status) = unsafe { (OwnedFd::from_raw_fd(config_fd), OwnedFd::from_raw_fd(status_fd)) };
+    outer(config, status)
+}
+
+fn read_config(fd: OwnedFd) -> Result<InitConfig, InitError> {
+    let mut file = File::from(fd);
+    // The agent wrote the memfd through the same open file description, so
+    // its offset is at the end.
+    file.seek(SeekFrom::Start(0)).ctx("seeking the config memfd")?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf).ctx("reading the config memfd")?;
+    serde_json::from_slice(&buf)
+        .map_err(io::Error::other)
+        .ctx("parsing the sandbox config")
+}
+
+fn set_cloexec(fd: &OwnedFd) -> Result<(), InitError> {
+    // SAFETY: fcntl on an fd we own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error()).ctx("setting close-on-exec on the status pipe");
+    }
+    Ok(())
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), InitError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ctx("pipe2")
+}
+
+fn signal_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    set.add(Signal::SIGCHLD);
+    set
+}
+
+fn prepare_outer(config: OwnedFd, status: &OwnedFd) -> Result<(InitConfig, SigSet), InitError> {
+    let cfg = read_config(config)?;
+    // Only the command's exec may close our status pipe's last copy.
+    set_cloexec(status)?;
+    // Blocked signals stay pending and are taken with sigwait(): no async
+    // signal handlers, and a pid 1 does not drop blocked signals.
+    let signals = signal_set();
+    signals.thread_block().ctx("blocking signals")?;
+    // The mount namespace is a copy of the host's, where / is usually shared:
+    // without this, mounting /proc below would propagate to the host.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .ctx("making mounts private (mount --make-rprivate /)")?;
+    nix::unistd::sethostname(&cfg.hostname).ctx(format!("setting the hostname to {:?}", cfg.hostname))?;
+    if cfg.loopback_up {
+        bring_up_loopback()?;
+    }
+    Ok((cfg, signals))
+}
+
+/// `ip link set lo up`, with the two ioctls it boils down to.
+fn bring_up_loopback() -> Result<(), InitError> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).ctx("socket(AF_INET) to configure lo");
+    }
+    // SAFETY: fd was just returned by socket(2) and is ours.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads into the ifreq we pass.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
+        return Err(io::Error::last_os_error()).ctx("ioctl(SIOCGIFFLAGS, lo)");
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads the ifreq we pass.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
+        return Err(io::Error::last_os_error()).ctx("ioctl(SIOCSIFFLAGS, lo up)");
+    }
+    Ok(())
+}
+
+fn outer(config: OwnedFd, status: OwnedFd) -> ! {
+    let (cfg, signals) = match prepare_outer(config, &status) {
+        Ok(v) => v,
+        Err(e) => fail(&status, &e, EXIT_SETUP_FAILED),
+    };
+    // lifeline: pid 1 checks it to learn whether we died before it could set
+    // its parent-death signal. relay: pid 1 tells us how the command ended.
+    let pipes = pipe().and_then(|l| Ok((l, pipe()?)));
+    let ((lifeline_r, lifeline_w), (relay_r, relay_w)) = match pipes {
+        Ok(p) => p,
+        Err(e) => fail(&status, &e, EXIT_SETUP_FAILED),
+    };
+    // SAFETY: this process is single-threaded, so the child may do anything.
+    match unsafe { fork() } {
+        Err(e) => fail(
+            &status,
+            &InitError {
+                step: "fork (pid 1 of the sandbox)".into(),
+                source: e.into(),
+            },
+            EXIT_SETUP_FAILED,
+        ),
+        Ok(ForkResult::Child) => {
+            drop(lifeline_w);
+            drop(relay_r);
+            pid1(cfg, status, lifeline_r, relay_w, signals)
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(status);
+            drop(lifeline_r);
+            drop(relay_w);
+            supervise_pid1(child, relay_r, lifeline_w, signals)
+        }
+    }
+}
+
+/// How the command ended, as pid 1 relays it to the outer init.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    Exit(i32),
+    Signal(i32),
+}
+
+impl Ended {
+    fn encode(self) -> [u8; 8] {
+        let (kind, value) = match self {
+            Ended::Exit(c) => (0i32, c),
+            Ended::Signal(s) => (1i32, s),
+        };
+        let mut out = [0u8; 8];
+        out[..4].copy_from_slice(&kind.to_le_bytes());
+        out[4..].copy_from_slice(&value.to_le_bytes());
+        out
+    }
+
+    fn decode(buf: &[u8]) -> Option<Self> {
+        let kind = i32::from_le_bytes(buf.get(..4)?.try_into().ok()?);
+        let value = i32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
+        match kind {
+            0 => Some(Ended::Exit(value)),
+            1 => Some(Ended::Signal(value)),
+            _ => None,
+        }
+    }
+}
+
+fn supervise_pid1(pid1: Pid, relay: OwnedFd, _lifeline: OwnedFd, signals: SigSet) -> ! {
+    loop {
+        let Ok(sig) = signals.wait() else { continue };
+        if sig != Signal::SIGCHLD {
+            let _ = kill(pid1, sig);
+            continue;
+        }
+        let ended = match waitpid(pid1, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => Ended::Exit(code),
+            Ok(WaitStatus::Signaled(_, s, _)) => Ended::Signal(s as i32),
+            _ => continue,
+        };
+        // pid 1 wrote the command's own status before exiting; if it was
+        // killed instead (SIGKILL from the agent), its own status is it.
+        let mut buf = [0u8; 8];
+        let mut file = File::from(relay);
+        let relayed = match file.read(&mut buf) {
+            Ok(8) => Ended::decode(&buf),
+            _ => None,
+        };
+        exit_like(relayed.unwrap_or(ended))
+    }
+}
+
+/// Ends this (non-pid-1) process the way the command ended, so that our
+/// parent's waitpid() sees the same status.
+fn exit_like(ended: Ended) -> ! {
+    match ended {
+        Ended::Exit(code) => exit_now(code),
+        Ended::Signal(sig) => {
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: plain syscalls on our own process; the signal number
+            // comes from the kernel.
+            unsafe {
+                libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+                libc::signal(sig, libc::SIG_DFL);
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, sig);
+                libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                libc::kill(libc::getpid(), sig);
+            }
+            // Signals whose default action is not to terminate.
+            exit_now(128 + sig)
+        }
+    }
+}
+
+/// True when the lifeline's write end (held by the outer init) is closed.
+fn parent_gone(lifeline: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: lifeline.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd, no timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLIN) != 0
+}
+
+/// What the command's exec needs, built before forking it.
+struct Exec {
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+}
+
+const SHELL: &str = "/bin/sh";
+
+fn prepare_exec(cfg: &InitConfig) -> Result<Exec, InitError> {
+    let nul = |what: &str| InitError {
+        step: format!("preparing the command: {what} contains a NUL byte"),
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    };
+    let argv = vec![
+        CString::new("sh").map_err(|_| nul("argv"))?,
+        CString::new("-c").map_err(|_| nul("argv"))?,
+        CString::new(cfg.command.as_str()).map_err(|_| nul("the command"))?,
+    ];
+    let envp = cfg
+        .env
+        .iter()
+        .map(|(k, v)| CString::new(format!("{k}={v}")).map_err(|_| nul(&format!("env var {k}"))))
+        .collect::<Result<_, _>>()?;
+    Ok(Exec { argv, envp })
+}
+
+fn pid1_setup(cfg: &InitConfig, lifeline: &OwnedFd) -> Result<Exec, InitError> {
+    // If the outer init dies, so do we, and with us (the namespace's init)
+    // every process of the sandbox.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).ctx("prctl(PR_SET_PDEATHSIG)")?;
+    if parent_gone(lifeline) {
+        exit_now(1);
+    }
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .ctx("mounting a fresh /proc")?;
+    prepare_exec(cfg)
+}
+
+fn pid1(cfg: InitConfig, status: OwnedFd, lifeline: OwnedFd, relay: OwnedFd, signals: SigSet) -> ! {
+    let prepared = pid1_setup(&cfg, &lifeline);
+    drop(lifeline);
+    let exec = match prepared {
+        Ok(e) => e,
+        Err(e) => fail(&status, &e, EXIT_SETUP_FAILED),
+    };
+    // SAFETY: single-threaded process.
+    match unsafe { fork() } {
+        Err(e) => fail(
+            &status,
+            &InitError {
+                step: "fork (the sandboxed command)".into(),
+                source: e.into(),
+            },
+            EXIT_SETUP_FAILED,
+        ),
+        Ok(ForkResult::Child) => {
+            let err = run_command(&cfg, &exec);
+            fail(&status, &err, EXIT_EXEC_FAILED)
+        }
+        Ok(ForkResult::Parent { child }) => {
+            // Also done by the child; doing it here too closes the window in
+            // which a forwarded signal would miss the group.
+            let _ = nix::unistd::setpgid(child, child);
+            drop(status);
+            reap(child, relay, signals)
+        }
+    }
+}
+
+/// Pid 1's loop: forward signals to the command's process group, reap every
+/// zombie, and exit when the command exits.
+fn reap(command: Pid, relay: OwnedFd, signals: SigSet) -> ! {
+    loop {
+        let Ok(sig) = signals.wait() else { continue };
+        if sig != Signal::SIGCHLD {
+            if kill(Pid::from_raw(-command.as_raw()), sig).is_err() {
+                let _ = kill(command, sig);
+            }
+            continue;
+        }
+        loop {
+            let ended = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == command => Ended::Exit(code),
+                Ok(WaitStatus::Signaled(pid, s, _)) if pid == command => Ended::Signal(s as i32),
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            };
+            let buf = ended.encode();
+            // SAFETY: write from a valid buffer to our relay pipe; 8 bytes
+            // to an empty pipe is atomic.
+            unsafe { libc::write(relay.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+            exit_now(match ended {
+                Ended::Exit(c) => c,
+                Ended::Signal(s) => 128 + s,
+            })
+        }
+    }
+}
+
+/// In the command's process: everything after fork up to exec. Returns only
+/// on failure.
+fn run_command(cfg: &InitConfig, exec: &Exec) -> InitError {
+    let r = (|| -> Result<Infallible, InitError> {
+        // Start with default dispositions and nothing blocked, as any program
+        // expects (the init binary, being Rust, ignores SIGPIPE).
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                // SAFETY: resetting a disposition to the default.
+                unsafe { libc::signal(sig, libc::SIG_DFL) };
+            }
+        }
+        SigSet::empty().thread_set_mask().ctx("unblocking signals")?;
+        nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0)).ctx("setpgid")?;
+        nix::unistd::chdir(&cfg.cwd).ctx(format!("changing directory to {}", cfg.cwd.display()))?;
+        let null = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .ctx("opening /dev/null for stdin")?;
+        // SAFETY: dup2 onto stdin, both fds valid.
+        if unsafe { libc::dup2(null.as_raw_fd(), 0) } < 0 {
+            return Err(io::Error::last_os_error()).ctx("dup2(/dev/null, stdin)");
+        }
+        drop(null);
+        let shell = CString::new(SHELL).map_err(io::Error::other).ctx("shell path")?;
+        nix::unistd::execve(&shell, &exec.argv, &exec.envp).ctx(format!("executing {SHELL}"))
+    })();
+    match r {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_roundtrip() {
+        for e in [Ended::Exit(0), Ended::Exit(255), Ended::Signal(9), Ended::Signal(15)] {
+            assert_eq!(Ended::decode(&e.encode()), Some(e));
+        }
+        assert_eq!(Ended::decode(&[1, 2, 3]), None);
+        assert_eq!(Ended::decode(&[9, 0, 0, 0, 0, 0, 0, 0]), None);
+    }
+
+    #[test]
+    fn args() {
+        let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(parse_args(&a(&["x", INIT_SUBCOMMAND, "5", "7"])), Some((5, 7)));
+        assert_eq!(parse_args(&a(&["x", "serve", "5", "7"])), None);
+        assert_eq!(parse_args(&a(&["x", INIT_SUBCOMMAND, "1", "7"])), None);
+        assert_eq!(parse_args(&a(&["x", INIT_SUBCOMMAND, "5"])), None);
+    }
+
+    #[test]
+    fn exec_rejects_nul() {
+        let mut cfg = InitConfig {
+            id: "a".into(),
+            hostname: "a".into(),
+            cwd: "/".into(),
+            command: "echo hi".into(),
+            env: BTreeMap::from([("A".into(), "b".into())]),
+            loopback_up: false,
+        };
+        let e = prepare_exec(&cfg).ok().map(|e| (e.argv.len(), e.envp.len()));
+        assert_eq!(e, Some((3, 1)));
+        cfg.command = "a\0b".into();
+        assert!(prepare_exec(&cfg).is_err());
+    }
+}

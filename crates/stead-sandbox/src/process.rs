@@ -1,0 +1,657 @@
+//! The `process` backend: starting, adopting, watching and stopping
+//! sandboxes.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::process::{Child, ChildStderr, ChildStdout};
+use tokio::sync::watch;
+
+use crate::cgroup::{CgroupLayout, CgroupPaths, CgroupVersion};
+use crate::error::SandboxError;
+use crate::exit::ExitInfo;
+use crate::init::{InitConfig, INIT_SUBCOMMAND};
+use crate::spec::{NetworkMode, Output, SandboxSpec};
+use crate::{netns, sys};
+
+/// How long the init may take to execute the command before we give up.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for a sandbox to disappear after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// The `process` sandbox backend: Linux namespaces and cgroups.
+///
+/// Cheap to share (`Arc` it); every method takes `&self`.
+#[derive(Debug)]
+pub struct ProcessSandbox {
+    init_exe: PathBuf,
+    cgroups: CgroupLayout,
+}
+
+/// What an agent stores about a running sandbox so that, after a restart
+/// (even a SIGKILL), it can [`ProcessSandbox::adopt`] it again.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Persisted {
+    pub id: String,
+    /// The outer init's pid (in the agent's pid namespace).
+    pub pid: u32,
+    /// Its start time (clock ticks after boot, `/proc/<pid>/stat` field 22):
+    /// with the pid, identifies the process across pid reuse.
+    pub start_time: u64,
+    pub cgroup: CgroupPaths,
+    pub memory_mb: u64,
+    pub network: NetworkMode,
+}
+
+/// A running (or finished) sandbox.
+///
+/// Dropping the handle does not stop the sandbox: instances outlive agent
+/// restarts. Use [`SandboxProcess::stop`] or [`SandboxProcess::kill`].
+pub struct SandboxProcess {
+    id: String,
+    pid: u32,
+    start_time: u64,
+    pidfd: Arc<OwnedFd>,
+    cgroup: CgroupPaths,
+    memory_mb: u64,
+    network: NetworkMode,
+    /// The sandbox's network namespace (Isolated only), for `connect`.
+    netns: Option<Arc<OwnedFd>>,
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    exit: watch::Receiver<Option<ExitInfo>>,
+}
+
+impl std::fmt::Debug for SandboxProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxProcess")
+            .field("id", &self.id)
+            .field("pid", &self.pid)
+            .field("network", &self.network)
+            .field("exit", &*self.exit.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+fn syscall_err(id: &str, call: &'static str) -> impl FnOnce(io::Error) -> SandboxError {
+    let id = id.to_owned();
+    move |source| SandboxError::Syscall { id, call, source }
+}
+
+fn io_err(id: &str, what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SandboxError {
+    let id = id.to_owned();
+    let path = path.to_owned();
+    move |source| SandboxError::Io {
+        id,
+        what,
+        path,
+        source,
+    }
+}
+
+fn open_output(id: &str, out: &Output, what: &'static str) -> Result<Stdio, SandboxError> {
+    Ok(match out {
+        Output::Null => Stdio::null(),
+        Output::Pipe => Stdio::piped(),
+        Output::File(path) => {
+            let file = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o640)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+                .map_err(io_err(id, what, path))?;
+            Stdio::from(file)
+        }
+    })
+}
+
+/// What the child does between fork and exec. Only async-signal-safe calls:
+/// the agent is multi-threaded.
+fn child_setup(join: &[RawFd], flags: libc::c_int, keep: &[RawFd]) -> io::Result<()> {
+    for fd in join {
+        // Writing "0" to cgroup.procs moves the writer (v1 and v2).
+        // SAFETY: write from a static buffer to an fd we own.
+        if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // Own session: no signals from the agent's terminal, and the sandbox
+    // survives the agent.
+    // SAFETY: plain syscalls.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::unshare(flags) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for fd in keep {
+            if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn read_status(fd: OwnedFd) -> io::Result<String> {
+    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
+    let mut buf = Vec::new();
+    rx.read_to_end(&mut buf).await?;
+    Ok(String::from_utf8_lossy(&buf).trim().to_owned())
+}
+
+/// Collects the end of a sandbox: OOM counter, leftover processes, cgroup
+/// removal. Runs once per watcher, before the exit is published, so that
+/// `wait()` returning means the cgroup is gone.
+async fn finish(
+    id: &str,
+    cgroup: &CgroupPaths,
+    memory_mb: u64,
+    code: Option<i32>,
+    signal: Option<i32>,
+) -> ExitInfo {
+    let oom_killed = match cgroup.oom_kills() {
+        Some(n) => n > 0,
+        None => signal == Some(libc::SIGKILL) && cgroup.memory_failcnt().unwrap_or(0) > 0,
+    };
+    cgroup.remove(id).await;
+    let info = ExitInfo::new(code, signal, oom_killed, memory_mb);
+    tracing::info!(sandbox = id, exit = %info.description, "sandbox exited");
+    info
+}
+
+fn is_esrch(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Persisted cgroup paths come from disk: before killing what they list or
+/// removing them, make sure they are a sandbox's cgroup and nothing else.
+fn check_persisted_cgroup(p: &Persisted) -> Result<(), SandboxError> {
+    crate::spec::validate_id(&p.id).map_err(|reason| SandboxError::InvalidSpec {
+        id: p.id.clone(),
+        reason,
+    })?;
+    for dir in p.cgroup.dirs() {
+        let ok = dir.starts_with("/sys/fs/cgroup")
+            && dir.file_name().and_then(|n| n.to_str()) == Some(p.id.as_str());
+        if !ok {
+            return Err(SandboxError::InvalidSpec {
+                id: p.id.clone(),
+                reason: format!("persisted cgroup {} is not a sandbox cgroup", dir.display()),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl ProcessSandbox {
+    /// Detects cgroup v1/v2 and prepares `<agent's cgroup>/stead`.
+    /// `init_exe` is a binary that calls [`crate::init_main`] when
+    /// `argv[1] == "__sandbox-init"` (usually the agent's own binary).
+    pub fn new(init_exe: PathBuf) -> Result<Self, SandboxError> {
+        Self::build(init_exe, None)
+    }
+
+    /// Like [`ProcessSandbox::new`], with sandbox cgroups under the given
+    /// cgroup path (e.g. `/stead`, or a systemd-delegated sub-tree) instead of
+    /// `<agent's own cgroup>/stead`.
+    pub fn with_cgroup_parent(init_exe: PathBuf, cgroup_parent: &str) -> Result<Self, SandboxError> {
+        Self::build(init_exe, Some(cgroup_parent))
+    }
+
+    fn build(init_exe: PathBuf, parent: Option<&str>) -> Result<Self, SandboxError> {
+        std::fs::metadata(&init_exe).map_err(io_err("-", "checking the sandbox init binary", &init_exe))?;
+        let cgroups = CgroupLayout::detect(parent)?;
+        Ok(ProcessSandbox { init_exe, cgroups })
+    }
+
+    pub fn cgroup_version(&self) -> CgroupVersion {
+        self.cgroups.version
+    }
+
+    pub fn init_exe(&self) -> &Path {
+        &self.init_exe
+    }
+
+    /// Starts a sandbox; returns once `/bin/sh` has been executed in it (or
+    /// with the setup step that failed). Takes a few milliseconds.
+    pub async fn spawn(&self, spec: SandboxSpec) -> Result<SandboxProcess, SandboxError> {
+        let started = Instant::now();
+        spec.validate()?;
+        let id = spec.id.clone();
+        let memory_bytes = spec.memory_bytes().ok_or_else(|| SandboxError::InvalidSpec {
+            id: id.clone(),
+            reason: "memory_mb out of range".into(),
+        })?;
+        let config = InitConfig {
+            id: id.clone(),
+            hostname: spec.hostname(),
+            cwd: spec.cwd.clone(),
+            command: spec.command.clone(),
+            env: spec.full_env(),
+            loopback_up: spec.network == NetworkMode::Isolated,
+        };
+        let json = serde_json::to_vec(&config)
+            .map_err(io::Error::other)
+            .map_err(syscall_err(&id, "serializing the init config"))?;
+        let config_fd = sys::memfd_with(c"stead-sandbox-config", &json)
+            .and_then(sys::above_stdio)
+            .map_err(syscall_err(&id, "memfd_create (init config)"))?;
+        let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(io::Error::from)
+            .and_then(|(r, w)| Ok((r, sys::above_stdio(w)?)))
+            .map_err(syscall_err(&id, "pipe2 (init status)"))?;
+        let stdout = open_output(&id, &spec.stdout, "opening the stdout file")?;
+        let stderr = open_output(&id, &spec.stderr, "opening the stderr file")?;
+
+        let cgroup = self.cgroups.create(&id, memory_bytes, spec.pids_max)?;
+        let io = StartIo {
+            config_fd,
+            status_r,
+            status_w,
+            stdout,
+            stderr,
+        };
+        match self.start(&spec, &cgroup, io).await {
+            Ok(p) => {
+                tracing::debug!(
+                    sandbox = %id,
+                    pid = p.pid,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "sandbox started"
+                );
+                Ok(p)
+            }
+            Err(e) => {
+                if let Err(k) = cgroup.kill_all() {
+                    tracing::warn!(sandbox = %id, error = %k, "killing a sandbox that failed to start");
+                }
+                cgroup.remove(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        spec: &SandboxSpec,
+        cgroup: &CgroupPaths,
+        io: StartIo,
+    ) -> Result<SandboxProcess, SandboxError> {
+        let id = spec.id.as_str();
+        let join = cgroup.open_procs_for_join(id)?;
+        let join_fds: Vec<RawFd> = join.iter().map(AsRawFd::as_raw_fd).collect();
+        let keep = [io.config_fd.as_raw_fd(), io.status_w.as_raw_fd()];
+        let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        if spec.network == NetworkMode::Isolated {
+            flags |= libc::CLONE_NEWNET;
+        }
+        let mut cmd = tokio::process::Command::new(&self.init_exe);
+        cmd.arg(INIT_SUBCOMMAND)
+            .arg(keep[0].to_string())
+            .arg(keep[1].to_string())
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(io.stdout)
+            .stderr(io.stderr)
+            .kill_on_drop(false);
+        // SAFETY: child_setup only makes async-signal-safe system calls on
+        // descriptors that stay open until spawn() returns.
+        unsafe {
+            cmd.pre_exec(move || child_setup(&join_fds, flags, &keep));
+        }
+        let spawned = cmd.spawn();
+        // Close our copies: the status pipe reaches EOF only when every
+        // write end is closed.
+        drop(cmd);
+        drop(join);
+        drop(io.config_fd);
+        drop(io.status_w);
+        let mut child = spawned.map_err(|source| SandboxError::Spawn {
+            id: id.to_owned(),
+            init_exe: self.init_exe.clone(),
+            source,
+        })?;
+        match self.finish_start(spec, cgroup, &mut child, io.status_r).await {
+            Ok((pid, pidfd, start_time, netns)) => {
+                let (tx, exit) = watch::channel(None);
+                let stdout = child.stdout.take();
+                let stderr = child.stderr.take();
+                let (wid, wcg, mb) = (id.to_owned(), cgroup.clone(), spec.memory_mb);
+                tokio::spawn(async move {
+                    let (code, signal) = match child.wait().await {
+                        Ok(status) => {
+                            use std::os::unix::process::ExitStatusExt;
+                            (status.code(), status.signal())
+                        }
+                        Err(e) => {
+                            tracing::error!(sandbox = %wid, error = %e, "waiting for the sandbox");
+                            (None, None)
+                        }
+                    };
+                    let info = finish(&wid, &wcg, mb, code, signal).await;
+                    tx.send_replace(Some(info));
+                });
+                Ok(SandboxProcess {
+                    id: id.to_owned(),
+                    pid,
+                    start_time,
+                    pidfd: Arc::new(pidfd),
+                    cgroup: cgroup.clone(),
+                    memory_mb: spec.memory_mb,
+                    network: spec.network,
+                    netns,
+                    stdout,
+                    stderr,
+                    exit,
+                })
+            }
+            Err(e) => {
+                let _ = cgroup.kill_all();
+                let _ = child.start_kill();
+                if tokio::time::timeout(KILL_WAIT, child.wait()).await.is_err() {
+                    tracing::error!(sandbox = %id, "the sandbox init did not die after SIGKILL");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn finish_start(
+        &self,
+        spec: &SandboxSpec,
+        _cgroup: &CgroupPaths,
+        child: &mut Child,
+        status_r: OwnedFd,
+    ) -> Result<(u32, OwnedFd, u64, Option<Arc<OwnedFd>>), SandboxError> {
+        let id = spec.id.as_str();
+        let pid = child.id().ok_or_else(|| SandboxError::Setup {
+            id: id.to_owned(),
+            message: "the sandbox init exited before it could be watched".into(),
+        })?;
+        // Our child is not reaped until we wait for it, so this is the right
+        // process.
+        let pidfd = sys::pidfd_open(pid).map_err(syscall_err(id, "pidfd_open"))?;
+        let message = match tokio::time::timeout(START_TIMEOUT, read_status(status_r)).await {
+            Ok(r) => r.map_err(syscall_err(id, "reading the init's status pipe"))?,
+            Err(_) => {
+                return Err(SandboxError::StartTimeout {
+                    id: id.to_owned(),
+                    after: START_TIMEOUT,
+                })
+            }
+        };
+        if !message.is_empty() {
+            return Err(SandboxError::Setup {
+                id: id.to_owned(),
+                message,
+            });
+        }
+        let stat_path = PathBuf::from(format!("/proc/{pid}/stat"));
+        let start_time = sys::read_stat(pid)
+            .map_err(io_err(id, "reading", &stat_path))?
+            .start_time;
+        let netns = match spec.network {
+            NetworkMode::Host => None,
+            NetworkMode::Isolated => {
+                let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                let f = File::open(&path).map_err(io_err(id, "opening", &path))?;
+                Some(Arc::new(OwnedFd::from(f)))
+            }
+        };
+        Ok((pid, pidfd, start_time, netns))
+    }
+
+    /// Re-attaches to a sandbox started by an earlier run of the agent (which
+    /// may have been SIGKILLed). `Ok(None)` when it is gone (its cgroup, if
+    /// left behind, is then removed). Its exit status cannot be known (it is
+    /// not our child): `wait()` reports `code` and `signal` as `None`, but
+    /// OOM kills are still detected. Must be called within a tokio runtime.
+    pub fn adopt(&self, persisted: &Persisted) -> Result<Option<SandboxProcess>, SandboxError> {
+        let id = persisted.id.as_str();
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(SandboxError::NoRuntime {
+                what: "ProcessSandbox::adopt",
+            });
+        }
+        check_persisted_cgroup(persisted)?;
+        let gone = || {
+            tracing::info!(sandbox = id, pid = persisted.pid, "sandbox to adopt is gone");
+            persisted.cgroup.remove_blocking(id);
+            Ok(None)
+        };
+        // Open the pidfd first: it pins the process that has this pid now,
+        // and everything below is checked against it.
+        let pidfd = match sys::pidfd_open(persisted.pid) {
+            Ok(fd) => fd,
+            Err(e) if is_esrch(&e) => return gone(),
+            Err(e) => return Err(syscall_err(id, "pidfd_open")(e)),
+        };
+        let stat_path = PathBuf::from(format!("/proc/{}/stat", persisted.pid));
+        match sys::read_stat(persisted.pid) {
+            Ok(st) if !st.is_dead() && st.start_time == persisted.start_time => {}
+            Ok(_) => return gone(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound || is_esrch(&e) => return gone(),
+            Err(e) => return Err(io_err(id, "reading", &stat_path)(e)),
+        }
+        let netns = match persisted.network {
+            NetworkMode::Host => None,
+            NetworkMode::Isolated => {
+                let path = PathBuf::from(format!("/proc/{}/ns/net", persisted.pid));
+                match File::open(&path) {
+                    Ok(f) => Some(Arc::new(OwnedFd::from(f))),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return gone(),
+                    Err(e) => return Err(io_err(id, "opening", &path)(e)),
+                }
+            }
+        };
+        // Still alive now => the stat and namespace we read were its own.
+        if sys::pidfd_exited(&pidfd) {
+            return gone();
+        }
+        let watch_fd = pidfd.try_clone().map_err(syscall_err(id, "dup (pidfd)"))?;
+        // SAFETY: the AsyncFd owns watch_fd, an open pidfd that stays open
+        // (and the same) for the AsyncFd's whole life.
+        let afd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(watch_fd, Interest::READABLE) }
+            .map_err(io::Error::from)
+            .map_err(syscall_err(id, "registering the pidfd with tokio"))?;
+        let (tx, exit) = watch::channel(None);
+        let (wid, wcg, mb) = (id.to_owned(), persisted.cgroup.clone(), persisted.memory_mb);
+        tokio::spawn(async move {
+            loop {
+                match afd.readable().await {
+                    Ok(mut guard) => {
+                        if sys::pidfd_exited(guard.get_inner()) {
+                            break;
+                        }
+                        guard.clear_ready();
+                    }
+                    Err(e) => {
+                        tracing::error!(sandbox = %wid, error = %e, "polling the sandbox's pidfd");
+                        break;
+                    }
+                }
+            }
+            let info = finish(&wid, &wcg, mb, None, None).await;
+            tx.send_replace(Some(info));
+        });
+        tracing::info!(sandbox = id, pid = persisted.pid, "adopted sandbox");
+        Ok(Some(SandboxProcess {
+            id: id.to_owned(),
+            pid: persisted.pid,
+            start_time: persisted.start_time,
+            pidfd: Arc::new(pidfd),
+            cgroup: persisted.cgroup.clone(),
+            memory_mb: persisted.memory_mb,
+            network: persisted.network,
+            netns,
+            stdout: None,
+            stderr: None,
+            exit,
+        }))
+    }
+}
+
+/// The descriptors `spawn` prepares for `start`.
+struct StartIo {
+    config_fd: OwnedFd,
+    status_r: OwnedFd,
+    status_w: OwnedFd,
+    stdout: Stdio,
+    stderr: Stdio,
+}
+
+impl SandboxProcess {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The outer init's pid, in the agent's pid namespace.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn cgroup(&self) -> &CgroupPaths {
+        &self.cgroup
+    }
+
+    /// What to store to [`ProcessSandbox::adopt`] this sandbox after an
+    /// agent restart.
+    pub fn persisted(&self) -> Persisted {
+        Persisted {
+            id: self.id.clone(),
+            pid: self.pid,
+            start_time: self.start_time,
+            cgroup: self.cgroup.clone(),
+            memory_mb: self.memory_mb,
+            network: self.network,
+        }
+    }
+
+    /// The read end of stdout, for [`Output::Pipe`] (once).
+    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+        self.stdout.take()
+    }
+
+    /// The read end of stderr, for [`Output::Pipe`] (once).
+    pub fn take_stderr(&mut self) -> Option<ChildStderr> {
+        self.stderr.take()
+    }
+
+    /// Resolves when the sandbox has exited (and its cgroup is removed).
+    /// Any number of tasks may wait at once.
+    pub async fn wait(&self) -> ExitInfo {
+        let mut rx = self.exit.clone();
+        let result = rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        match result {
+            Ok(Some(info)) => info,
+            // The watcher task is gone without a verdict (runtime shutdown).
+            _ => ExitInfo {
+                code: None,
+                signal: None,
+                oom_killed: false,
+                description: "unknown: the task watching the sandbox stopped".into(),
+            },
+        }
+    }
+
+    /// The exit, if it already happened.
+    pub fn exit_info(&self) -> Option<ExitInfo> {
+        self.exit.borrow().clone()
+    }
+
+    /// A receiver that holds `Some` once the sandbox has exited: for
+    /// `select!`-style code.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
+        self.exit.clone()
+    }
+
+    fn signal(&self, signal: i32, name: &'static str) -> Result<(), SandboxError> {
+        match sys::pidfd_send_signal(&self.pidfd, signal) {
+            Ok(()) => Ok(()),
+            // Already gone: nothing to signal.
+            Err(e) if is_esrch(&e) => Ok(()),
+            Err(source) => Err(SandboxError::Signal {
+                id: self.id.clone(),
+                pid: self.pid,
+                signal: name,
+                source,
+            }),
+        }
+    }
+
+    /// Asks the command to stop: SIGTERM to the outer init, which forwards
+    /// it through pid 1 to the command's process group.
+    pub fn terminate(&self) -> Result<(), SandboxError> {
+        self.signal(libc::SIGTERM, "SIGTERM")
+    }
+
+    /// SIGKILLs every process in the sandbox (all pids of its cgroup), then
+    /// the outer init.
+    pub fn kill(&self) -> Result<(), SandboxError> {
+        self.cgroup
+            .kill_all()
+            .map_err(syscall_err(&self.id, "killing the processes of the sandbox's cgroup"))?;
+        self.signal(libc::SIGKILL, "SIGKILL")
+    }
+
+    /// Stops the sandbox the polite way: SIGTERM, up to `grace` to exit,
+    /// then SIGKILL. Returns how it ended; its cgroup is removed by then.
+    pub async fn stop(&self, grace: Duration) -> ExitInfo {
+        if let Some(info) = self.exit_info() {
+            return info;
+        }
+        if let Err(e) = self.terminate() {
+            tracing::warn!(sandbox = %self.id, error = %e, "terminating");
+        }
+        if let Ok(info) = tokio::time::timeout(grace, self.wait()).await {
+            return info;
+        }
+        tracing::info!(sandbox = %self.id, ?grace, "still running after the grace period: killing");
+        if let Err(e) = self.kill() {
+            tracing::warn!(sandbox = %self.id, error = %e, "killing");
+        }
+        match tokio::time::timeout(KILL_WAIT, self.wait()).await {
+            Ok(info) => info,
+            Err(_) => {
+                tracing::error!(sandbox = %self.id, "still running after SIGKILL");
+                self.cgroup.remove(&self.id).await;
+                ExitInfo {
+                    code: None,
+                    signal: None,
+                    oom_killed: false,
+                    description: format!("still running {KILL_WAIT:?} after SIGKILL"),
+                }
+            }
+        }
+    }
+
+    /// A TCP connection to 127.0.0.1:`port` inside the sandbox's network
+    /// namespace (for [`NetworkMode::Host`], the host's 127.0.0.1), usable
+    /// from tokio like any other.
+    pub async fn connect(&self, port: u16) -> io::Result<TcpStream> {
+        match &self.netns {
+            Some(ns) => netns::connect_inside(ns, port).await,
+            None => TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await,
+        }
+    }
+
+    /// Memory currently charged to the sandbox's cgroup.
+    pub fn memory_usage_bytes(&self) -> Option<u64> {
+        self.cgroup.memory_usage()
+    }
+}
