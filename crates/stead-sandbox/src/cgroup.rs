@@ -557,19 +557,17 @@ impl CgroupPaths {
         tracing::warn!(sandbox = id, dirs = ?self.dirs(), "could not remove the sandbox's cgroup");
     }
 
-    /// Blocking version of [`Self::remove`] for synchronous callers; tries
-    /// for at most ~100 ms.
-    pub(crate) fn remove_blocking(&self, id: &str) {
-        for _ in 0..100 {
+    /// Removes the cgroup of a sandbox that is gone, unless processes are
+    /// still in it (then they are left alone: this never kills). Retries
+    /// for ~50 ms while exiting tasks leave.
+    pub(crate) fn remove_if_empty(&self, id: &str) {
+        for _ in 0..50 {
             if self.try_remove() {
                 return;
             }
-            if let Err(e) = self.kill_all() {
-                tracing::warn!(sandbox = id, error = %e, "killing leftover processes");
-            }
             std::thread::sleep(Duration::from_millis(1));
         }
-        tracing::warn!(sandbox = id, dirs = ?self.dirs(), "could not remove the sandbox's cgroup");
+        tracing::warn!(sandbox = id, dirs = ?self.dirs(), "left a sandbox cgroup that still has processes");
     }
 
     /// How many processes the kernel's OOM killer killed in this cgroup.

@@ -31,6 +31,10 @@ impl ExitInfo {
     /// agent is not our child, so its status cannot be collected).
     pub fn new(code: Option<i32>, signal: Option<i32>, oom_killed: bool, memory_mb: u64) -> Self {
         let status = match (code, signal) {
+            // Shells report a child killed by signal N as 128+N.
+            (Some(c), _) if c > 128 && signal_name(c - 128) != "unknown signal" => {
+                format!("exited with status {c} (128 + {})", signal_name(c - 128))
+            }
             (Some(c), _) => format!("exited with status {c}"),
             (None, Some(s)) => format!("killed by signal {s} ({})", signal_name(s)),
             (None, None) => "exited (exit status unknown: the sandbox was started by an \
@@ -40,7 +44,7 @@ impl ExitInfo {
         let oom = format!("memory limit {memory_mb} MiB reached");
         let description = if !oom_killed {
             status
-        } else if signal == Some(libc::SIGKILL) {
+        } else if signal == Some(libc::SIGKILL) || code == Some(128 + libc::SIGKILL) {
             format!("killed by the kernel's OOM killer: {oom}")
         } else {
             format!("{status}; the kernel's OOM killer killed a process in the sandbox: {oom}")
@@ -79,6 +83,15 @@ mod tests {
             "exited with status 1; the kernel's OOM killer killed a process in the sandbox: \
              memory limit 128 MiB reached"
         );
+        assert_eq!(
+            ExitInfo::new(Some(137), None, false, 64).description,
+            "exited with status 137 (128 + SIGKILL)"
+        );
+        assert_eq!(
+            ExitInfo::new(Some(137), None, true, 64).description,
+            "killed by the kernel's OOM killer: memory limit 64 MiB reached"
+        );
+        assert_eq!(ExitInfo::new(Some(255), None, false, 64).description, "exited with status 255");
         assert!(ExitInfo::new(None, None, false, 64)
             .description
             .contains("unknown"));

@@ -54,6 +54,14 @@ pub struct Persisted {
     pub network: NetworkMode,
 }
 
+/// Where [`SandboxProcess::connect`] connects.
+#[derive(Debug)]
+enum Netns {
+    Host,
+    /// `None`: the sandbox exited before its namespace could be opened.
+    Isolated(Option<Arc<OwnedFd>>),
+}
+
 /// A running (or finished) sandbox.
 ///
 /// Dropping the handle does not stop the sandbox: instances outlive agent
@@ -66,8 +74,8 @@ pub struct SandboxProcess {
     cgroup: CgroupPaths,
     memory_mb: u64,
     network: NetworkMode,
-    /// The sandbox's network namespace (Isolated only), for `connect`.
-    netns: Option<Arc<OwnedFd>>,
+    /// The sandbox's network namespace, for `connect`.
+    netns: Netns,
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
     exit: watch::Receiver<Option<ExitInfo>>,
@@ -377,7 +385,7 @@ impl ProcessSandbox {
         _cgroup: &CgroupPaths,
         child: &mut Child,
         status_r: OwnedFd,
-    ) -> Result<(u32, OwnedFd, u64, Option<Arc<OwnedFd>>), SandboxError> {
+    ) -> Result<(u32, OwnedFd, u64, Netns), SandboxError> {
         let id = spec.id.as_str();
         let pid = child.id().ok_or_else(|| SandboxError::Setup {
             id: id.to_owned(),
@@ -386,6 +394,19 @@ impl ProcessSandbox {
         // Our child is not reaped until we wait for it, so this is the right
         // process.
         let pidfd = sys::pidfd_open(pid).map_err(syscall_err(id, "pidfd_open"))?;
+        // Open the namespace now, before a quick command can have come and
+        // gone (a zombie has no namespaces left to open).
+        let netns = match spec.network {
+            NetworkMode::Host => Netns::Host,
+            NetworkMode::Isolated => {
+                let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                match File::open(&path) {
+                    Ok(f) => Netns::Isolated(Some(Arc::new(OwnedFd::from(f)))),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Netns::Isolated(None),
+                    Err(e) => return Err(io_err(id, "opening", &path)(e)),
+                }
+            }
+        };
         let message = match tokio::time::timeout(START_TIMEOUT, read_status(status_r)).await {
             Ok(r) => r.map_err(syscall_err(id, "reading the init's status pipe"))?,
             Err(_) => {
@@ -405,14 +426,6 @@ impl ProcessSandbox {
         let start_time = sys::read_stat(pid)
             .map_err(io_err(id, "reading", &stat_path))?
             .start_time;
-        let netns = match spec.network {
-            NetworkMode::Host => None,
-            NetworkMode::Isolated => {
-                let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-                let f = File::open(&path).map_err(io_err(id, "opening", &path))?;
-                Some(Arc::new(OwnedFd::from(f)))
-            }
-        };
         Ok((pid, pidfd, start_time, netns))
     }
 
@@ -431,7 +444,8 @@ impl ProcessSandbox {
         check_persisted_cgroup(persisted)?;
         let gone = || {
             tracing::info!(sandbox = id, pid = persisted.pid, "sandbox to adopt is gone");
-            persisted.cgroup.remove_blocking(id);
+            // Never kill here: only an empty cgroup is removed.
+            persisted.cgroup.remove_if_empty(id);
             Ok(None)
         };
         // Open the pidfd first: it pins the process that has this pid now,
@@ -449,11 +463,11 @@ impl ProcessSandbox {
             Err(e) => return Err(io_err(id, "reading", &stat_path)(e)),
         }
         let netns = match persisted.network {
-            NetworkMode::Host => None,
+            NetworkMode::Host => Netns::Host,
             NetworkMode::Isolated => {
                 let path = PathBuf::from(format!("/proc/{}/ns/net", persisted.pid));
                 match File::open(&path) {
-                    Ok(f) => Some(Arc::new(OwnedFd::from(f))),
+                    Ok(f) => Netns::Isolated(Some(Arc::new(OwnedFd::from(f)))),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => return gone(),
                     Err(e) => return Err(io_err(id, "opening", &path)(e)),
                 }
@@ -645,8 +659,12 @@ impl SandboxProcess {
     /// from tokio like any other.
     pub async fn connect(&self, port: u16) -> io::Result<TcpStream> {
         match &self.netns {
-            Some(ns) => netns::connect_inside(ns, port).await,
-            None => TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await,
+            Netns::Isolated(Some(ns)) => netns::connect_inside(ns, port).await,
+            Netns::Isolated(None) => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("sandbox {} exited before its network namespace could be opened", self.id),
+            )),
+            Netns::Host => TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await,
         }
     }
 
