@@ -76,7 +76,7 @@ impl Store {
             if !taken {
                 continue;
             }
-            let task = self.load_task(id).await?;
+            let task = self.get_build(id).await?;
             self.record_event(
                 task.app_id,
                 "build_started",
@@ -92,7 +92,8 @@ impl Store {
         Ok(None)
     }
 
-    async fn load_task(&self, id: i64) -> Result<ClaimedTask> {
+    /// A build task with its version's details.
+    pub async fn get_build(&self, id: i64) -> Result<ClaimedTask> {
         let row = sqlx::query(
             "SELECT t.id AS id, t.app_id AS app_id, a.name AS app, t.version AS version, v.bundle_hash AS bundle_hash, \
              v.config AS config, t.attempt AS attempt, t.lease_expires_at AS lease_expires_at \
