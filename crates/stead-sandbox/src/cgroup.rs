@@ -151,11 +151,7 @@ pub(crate) fn parse_cgroup1_mounts(mountinfo: &str) -> Vec<Cgroup1Mount> {
             Some(Cgroup1Mount {
                 root: unescape_mountinfo(fields.get(3)?),
                 mount_point: PathBuf::from(unescape_mountinfo(fields.get(4)?)),
-                options: fields
-                    .get(sep + 3)?
-                    .split(',')
-                    .map(str::to_owned)
-                    .collect(),
+                options: fields.get(sep + 3)?.split(',').map(str::to_owned).collect(),
             })
         })
         .collect()
@@ -220,8 +216,9 @@ impl CgroupLayout {
             }
         }
         let mi_path = Path::new("/proc/self/mountinfo");
-        let mounts =
-            parse_cgroup1_mounts(&fs::read_to_string(mi_path).map_err(setup_err("reading", mi_path))?);
+        let mounts = parse_cgroup1_mounts(
+            &fs::read_to_string(mi_path).map_err(setup_err("reading", mi_path))?,
+        );
         Self::prepare_v1(&mounts, &own, parent_override)
     }
 
@@ -378,9 +375,9 @@ impl CgroupLayout {
         pids_max: u64,
     ) -> Result<CgroupPaths, SandboxError> {
         let paths = self.paths_for(id);
-        let result = paths.create_dirs(id).and_then(|()| {
-            paths.set_limits(id, memory_bytes, pids_max)
-        });
+        let result = paths
+            .create_dirs(id)
+            .and_then(|()| paths.set_limits(id, memory_bytes, pids_max));
         if let Err(e) = result {
             if !paths.try_remove() {
                 tracing::warn!(sandbox = id, "could not remove a half-created cgroup");
@@ -399,7 +396,12 @@ impl CgroupPaths {
             .collect()
     }
 
-    fn cg_err(&self, id: &str, op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SandboxError {
+    fn cg_err(
+        &self,
+        id: &str,
+        op: &'static str,
+        path: &Path,
+    ) -> impl FnOnce(io::Error) -> SandboxError {
         let id = id.to_owned();
         let path = path.to_owned();
         move |source| SandboxError::Cgroup {
@@ -573,9 +575,10 @@ impl CgroupPaths {
     /// How many processes the kernel's OOM killer killed in this cgroup.
     pub(crate) fn oom_kills(&self) -> Option<u64> {
         match self.version {
-            CgroupVersion::V2 => {
-                keyed_value(&fs::read_to_string(self.memory.join("memory.events")).ok()?, "oom_kill")
-            }
+            CgroupVersion::V2 => keyed_value(
+                &fs::read_to_string(self.memory.join("memory.events")).ok()?,
+                "oom_kill",
+            ),
             CgroupVersion::V1 => keyed_value(
                 &fs::read_to_string(self.memory.join("memory.oom_control")).ok()?,
                 "oom_kill",
@@ -630,7 +633,8 @@ fn remove_dir_retrying(dir: &Path, attempts: u32) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    const V1_PROC: &str = "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/abc\n2:cpu,cpuacct:/x\n0::/\n";
+    const V1_PROC: &str =
+        "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/abc\n2:cpu,cpuacct:/x\n0::/\n";
     const V2_PROC: &str = "0::/system.slice/stead-agent.service\n";
 
     #[test]
@@ -655,7 +659,10 @@ mod tests {
 
     #[test]
     fn controller_lists() {
-        assert!(lists_controller("cpuset cpu io memory hugetlb pids rdma\n", "memory"));
+        assert!(lists_controller(
+            "cpuset cpu io memory hugetlb pids rdma\n",
+            "memory"
+        ));
         assert!(!lists_controller("cpuset cpu io hugetlb pids\n", "memory"));
         assert!(!lists_controller("", "memory"));
         assert!(!lists_controller("memory_recursiveprot", "memory"));
@@ -692,7 +699,10 @@ mod tests {
         );
         assert_eq!(v1_dir(&m[1], "/"), PathBuf::from("/sys/fs/cgroup/memory"));
         // A container sees its own sub-tree mounted at the mount point.
-        assert_eq!(v1_dir(&m[2], "/docker/abc"), PathBuf::from("/sys/fs/cgroup/pids"));
+        assert_eq!(
+            v1_dir(&m[2], "/docker/abc"),
+            PathBuf::from("/sys/fs/cgroup/pids")
+        );
         assert_eq!(
             v1_dir(&m[2], "/docker/abc/x"),
             PathBuf::from("/sys/fs/cgroup/pids/x")
@@ -719,7 +729,10 @@ mod tests {
         };
         let p = layout.paths_for("inst-1");
         assert_eq!(p.dirs().len(), 2);
-        assert_eq!(p.memory, PathBuf::from("/sys/fs/cgroup/memory/stead/inst-1"));
+        assert_eq!(
+            p.memory,
+            PathBuf::from("/sys/fs/cgroup/memory/stead/inst-1")
+        );
         let json = serde_json::to_string(&p).unwrap();
         let back: CgroupPaths = serde_json::from_str(&json).unwrap();
         assert_eq!(back, p);

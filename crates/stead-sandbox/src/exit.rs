@@ -64,8 +64,14 @@ mod tests {
 
     #[test]
     fn descriptions() {
-        assert_eq!(ExitInfo::new(Some(0), None, false, 64).description, "exited with status 0");
-        assert_eq!(ExitInfo::new(Some(1), None, false, 64).description, "exited with status 1");
+        assert_eq!(
+            ExitInfo::new(Some(0), None, false, 64).description,
+            "exited with status 0"
+        );
+        assert_eq!(
+            ExitInfo::new(Some(1), None, false, 64).description,
+            "exited with status 1"
+        );
         assert_eq!(
             ExitInfo::new(None, Some(9), false, 64).description,
             "killed by signal 9 (SIGKILL)"
@@ -91,7 +97,10 @@ mod tests {
             ExitInfo::new(Some(137), None, true, 64).description,
             "killed by the kernel's OOM killer: memory limit 64 MiB reached"
         );
-        assert_eq!(ExitInfo::new(Some(255), None, false, 64).description, "exited with status 255");
+        assert_eq!(
+            ExitInfo::new(Some(255), None, false, 64).description,
+            "exited with status 255"
+        );
         assert!(ExitInfo::new(None, None, false, 64)
             .description
             .contains("unknown"));

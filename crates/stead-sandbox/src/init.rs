@@ -141,7 +141,8 @@ fn parse_args(args: &[OsString]) -> Option<(RawFd, RawFd)> {
     if args.get(1)?.as_bytes() != INIT_SUBCOMMAND.as_bytes() {
         return None;
     }
-    let fd = |i: usize| -> Option<RawFd> { args.get(i)?.to_str()?.parse().ok().filter(|fd| *fd > 2) };
+    let fd =
+        |i: usize| -> Option<RawFd> { args.get(i)?.to_str()?.parse().ok().filter(|fd| *fd > 2) };
     Some((fd(2)?, fd(3)?))
 }
 
@@ -159,7 +160,12 @@ pub fn init_main() -> ! {
     };
     // SAFETY: the agent passed these two descriptors to us (it cleared their
     // close-on-exec flag for this exec) and nothing else here owns them.
-    let (config, status) = unsafe { (OwnedFd::from_raw_fd(config_fd), OwnedFd::from_raw_fd(status_fd)) };
+    let (config, status) = unsafe {
+        (
+            OwnedFd::from_raw_fd(config_fd),
+            OwnedFd::from_raw_fd(status_fd),
+        )
+    };
     outer(config, status)
 }
 
@@ -167,7 +173,8 @@ fn read_config(fd: OwnedFd) -> Result<InitConfig, InitError> {
     let mut file = File::from(fd);
     // The agent wrote the memfd through the same open file description, so
     // its offset is at the end.
-    file.seek(SeekFrom::Start(0)).ctx("seeking the config memfd")?;
+    file.seek(SeekFrom::Start(0))
+        .ctx("seeking the config memfd")?;
     let mut buf = Vec::new();
     file.read_to_end(&mut buf).ctx("reading the config memfd")?;
     serde_json::from_slice(&buf)
@@ -214,7 +221,8 @@ fn prepare_outer(config: OwnedFd, status: &OwnedFd) -> Result<(InitConfig, SigSe
         None::<&str>,
     )
     .ctx("making mounts private (mount --make-rprivate /)")?;
-    nix::unistd::sethostname(&cfg.hostname).ctx(format!("setting the hostname to {:?}", cfg.hostname))?;
+    nix::unistd::sethostname(&cfg.hostname)
+        .ctx(format!("setting the hostname to {:?}", cfg.hostname))?;
     if cfg.loopback_up {
         bring_up_loopback()?;
     }
@@ -497,7 +505,9 @@ fn run_command(cfg: &InitConfig, exec: &Exec) -> InitError {
                 unsafe { libc::signal(sig, libc::SIG_DFL) };
             }
         }
-        SigSet::empty().thread_set_mask().ctx("unblocking signals")?;
+        SigSet::empty()
+            .thread_set_mask()
+            .ctx("unblocking signals")?;
         nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0)).ctx("setpgid")?;
         nix::unistd::chdir(&cfg.cwd).ctx(format!("changing directory to {}", cfg.cwd.display()))?;
         let null = File::options()
@@ -510,7 +520,9 @@ fn run_command(cfg: &InitConfig, exec: &Exec) -> InitError {
             return Err(io::Error::last_os_error()).ctx("dup2(/dev/null, stdin)");
         }
         drop(null);
-        let shell = CString::new(SHELL).map_err(io::Error::other).ctx("shell path")?;
+        let shell = CString::new(SHELL)
+            .map_err(io::Error::other)
+            .ctx("shell path")?;
         nix::unistd::execve(&shell, &exec.argv, &exec.envp).ctx(format!("executing {SHELL}"))
     })();
     match r {
@@ -525,7 +537,12 @@ mod tests {
 
     #[test]
     fn ended_roundtrip() {
-        for e in [Ended::Exit(0), Ended::Exit(255), Ended::Signal(9), Ended::Signal(15)] {
+        for e in [
+            Ended::Exit(0),
+            Ended::Exit(255),
+            Ended::Signal(9),
+            Ended::Signal(15),
+        ] {
             assert_eq!(Ended::decode(&e.encode()), Some(e));
         }
         assert_eq!(Ended::decode(&[1, 2, 3]), None);
@@ -535,7 +552,10 @@ mod tests {
     #[test]
     fn args() {
         let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(parse_args(&a(&["x", INIT_SUBCOMMAND, "5", "7"])), Some((5, 7)));
+        assert_eq!(
+            parse_args(&a(&["x", INIT_SUBCOMMAND, "5", "7"])),
+            Some((5, 7))
+        );
         assert_eq!(parse_args(&a(&["x", "serve", "5", "7"])), None);
         assert_eq!(parse_args(&a(&["x", INIT_SUBCOMMAND, "1", "7"])), None);
         assert_eq!(parse_args(&a(&["x", INIT_SUBCOMMAND, "5"])), None);
@@ -551,7 +571,9 @@ mod tests {
             env: BTreeMap::from([("A".into(), "b".into())]),
             loopback_up: false,
         };
-        let e = prepare_exec(&cfg).ok().map(|e| (e.argv.len(), e.envp.len()));
+        let e = prepare_exec(&cfg)
+            .ok()
+            .map(|e| (e.argv.len(), e.envp.len()));
         assert_eq!(e, Some((3, 1)));
         cfg.command = "a\0b".into();
         assert!(prepare_exec(&cfg).is_err());

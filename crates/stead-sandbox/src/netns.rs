@@ -61,7 +61,9 @@ fn serve(rx: mpsc::Receiver<Request>, host: OwnedFd) {
 }
 
 fn helper() -> io::Result<mpsc::Sender<Request>> {
-    let mut guard = HELPER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut guard = HELPER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(tx) = guard.as_ref() {
         return Ok(tx.clone());
     }

@@ -216,12 +216,19 @@ impl ProcessSandbox {
     /// Like [`ProcessSandbox::new`], with sandbox cgroups under the given
     /// cgroup path (e.g. `/stead`, or a systemd-delegated sub-tree) instead of
     /// `<agent's own cgroup>/stead`.
-    pub fn with_cgroup_parent(init_exe: PathBuf, cgroup_parent: &str) -> Result<Self, SandboxError> {
+    pub fn with_cgroup_parent(
+        init_exe: PathBuf,
+        cgroup_parent: &str,
+    ) -> Result<Self, SandboxError> {
         Self::build(init_exe, Some(cgroup_parent))
     }
 
     fn build(init_exe: PathBuf, parent: Option<&str>) -> Result<Self, SandboxError> {
-        std::fs::metadata(&init_exe).map_err(io_err("-", "checking the sandbox init binary", &init_exe))?;
+        std::fs::metadata(&init_exe).map_err(io_err(
+            "-",
+            "checking the sandbox init binary",
+            &init_exe,
+        ))?;
         let cgroups = CgroupLayout::detect(parent)?;
         Ok(ProcessSandbox { init_exe, cgroups })
     }
@@ -240,10 +247,12 @@ impl ProcessSandbox {
         let started = Instant::now();
         spec.validate()?;
         let id = spec.id.clone();
-        let memory_bytes = spec.memory_bytes().ok_or_else(|| SandboxError::InvalidSpec {
-            id: id.clone(),
-            reason: "memory_mb out of range".into(),
-        })?;
+        let memory_bytes = spec
+            .memory_bytes()
+            .ok_or_else(|| SandboxError::InvalidSpec {
+                id: id.clone(),
+                reason: "memory_mb out of range".into(),
+            })?;
         let config = InitConfig {
             id: id.clone(),
             hostname: spec.hostname(),
@@ -303,7 +312,8 @@ impl ProcessSandbox {
         let join = cgroup.open_procs_for_join(id)?;
         let join_fds: Vec<RawFd> = join.iter().map(AsRawFd::as_raw_fd).collect();
         let keep = [io.config_fd.as_raw_fd(), io.status_w.as_raw_fd()];
-        let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        let mut flags =
+            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
         if spec.network == NetworkMode::Isolated {
             flags |= libc::CLONE_NEWNET;
         }
@@ -334,7 +344,10 @@ impl ProcessSandbox {
             init_exe: self.init_exe.clone(),
             source,
         })?;
-        match self.finish_start(spec, cgroup, &mut child, io.status_r).await {
+        match self
+            .finish_start(spec, cgroup, &mut child, io.status_r)
+            .await
+        {
             Ok((pid, pidfd, start_time, netns)) => {
                 let (tx, exit) = watch::channel(None);
                 let stdout = child.stdout.take();
@@ -443,7 +456,11 @@ impl ProcessSandbox {
         }
         check_persisted_cgroup(persisted)?;
         let gone = || {
-            tracing::info!(sandbox = id, pid = persisted.pid, "sandbox to adopt is gone");
+            tracing::info!(
+                sandbox = id,
+                pid = persisted.pid,
+                "sandbox to adopt is gone"
+            );
             // Never kill here: only an empty cgroup is removed.
             persisted.cgroup.remove_if_empty(id);
             Ok(None)
@@ -480,9 +497,11 @@ impl ProcessSandbox {
         let watch_fd = pidfd.try_clone().map_err(syscall_err(id, "dup (pidfd)"))?;
         // SAFETY: the AsyncFd owns watch_fd, an open pidfd that stays open
         // (and the same) for the AsyncFd's whole life.
-        let afd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(watch_fd, Interest::READABLE) }
-            .map_err(io::Error::from)
-            .map_err(syscall_err(id, "registering the pidfd with tokio"))?;
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(watch_fd, Interest::READABLE)
+        }
+        .map_err(io::Error::from)
+        .map_err(syscall_err(id, "registering the pidfd with tokio"))?;
         let (tx, exit) = watch::channel(None);
         let (wid, wcg, mb) = (id.to_owned(), persisted.cgroup.clone(), persisted.memory_mb);
         tokio::spawn(async move {
@@ -617,9 +636,10 @@ impl SandboxProcess {
     /// SIGKILLs every process in the sandbox (all pids of its cgroup), then
     /// the outer init.
     pub fn kill(&self) -> Result<(), SandboxError> {
-        self.cgroup
-            .kill_all()
-            .map_err(syscall_err(&self.id, "killing the processes of the sandbox's cgroup"))?;
+        self.cgroup.kill_all().map_err(syscall_err(
+            &self.id,
+            "killing the processes of the sandbox's cgroup",
+        ))?;
         self.signal(libc::SIGKILL, "SIGKILL")
     }
 
@@ -662,7 +682,10 @@ impl SandboxProcess {
             Netns::Isolated(Some(ns)) => netns::connect_inside(ns, port).await,
             Netns::Isolated(None) => Err(io::Error::new(
                 io::ErrorKind::NotConnected,
-                format!("sandbox {} exited before its network namespace could be opened", self.id),
+                format!(
+                    "sandbox {} exited before its network namespace could be opened",
+                    self.id
+                ),
             )),
             Netns::Host => TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await,
         }

@@ -134,7 +134,9 @@ impl SandboxSpec {
         for (name, out) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
             if let Output::File(p) = out {
                 if !p.is_absolute() {
-                    return Err(self.invalid(format!("{name} file {} is not absolute", p.display())));
+                    return Err(
+                        self.invalid(format!("{name} file {} is not absolute", p.display()))
+                    );
                 }
             }
         }
@@ -154,7 +156,8 @@ impl SandboxSpec {
     /// The command's environment: the spec's, plus PATH if it has none.
     pub fn full_env(&self) -> BTreeMap<String, String> {
         let mut env = self.env.clone();
-        env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
+        env.entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.into());
         env
     }
 }
@@ -220,7 +223,10 @@ mod tests {
     #[test]
     fn env_defaults_path() {
         let mut s = SandboxSpec::new("a", "/", "true");
-        assert_eq!(s.full_env().get("PATH").map(String::as_str), Some(DEFAULT_PATH));
+        assert_eq!(
+            s.full_env().get("PATH").map(String::as_str),
+            Some(DEFAULT_PATH)
+        );
         s.env.insert("PATH".into(), "/x".into());
         assert_eq!(s.full_env().get("PATH").map(String::as_str), Some("/x"));
     }
@@ -247,7 +253,10 @@ mod tests {
         assert!(bad(&|s| s.memory_mb = u64::MAX));
         assert!(bad(&|s| s.pids_max = 2));
         assert!(bad(&|s| s.stdout = Output::File("out.log".into())));
-        let e = SandboxSpec::new("a/b", "/", "true").validate().unwrap_err().to_string();
+        let e = SandboxSpec::new("a/b", "/", "true")
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("a/b"), "{e}");
     }
 }

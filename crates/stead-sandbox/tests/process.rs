@@ -17,7 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const BOUND: Duration = Duration::from_secs(20);
 
 fn sandbox() -> ProcessSandbox {
-    ProcessSandbox::new(PathBuf::from(env!("CARGO_BIN_EXE_stead-sandbox-init"))).expect("process sandbox")
+    ProcessSandbox::new(PathBuf::from(env!("CARGO_BIN_EXE_stead-sandbox-init")))
+        .expect("process sandbox")
 }
 
 fn id(name: &str) -> String {
@@ -72,7 +73,10 @@ async fn collect(p: &mut SandboxProcess) -> Ran {
 }
 
 fn assert_cgroup_gone(p: &SandboxProcess) {
-    for dir in [Some(&p.cgroup().memory), p.cgroup().pids.as_ref()].into_iter().flatten() {
+    for dir in [Some(&p.cgroup().memory), p.cgroup().pids.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         assert!(!dir.exists(), "cgroup {} was not removed", dir.display());
     }
 }
@@ -81,7 +85,10 @@ fn process_exists(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
             // A zombie has exited; only its entry is left.
-            let state = s.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+            let state = s
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
             state != Some("Z")
         }
         Err(_) => false,
@@ -111,13 +118,20 @@ async fn detects_cgroup_version() {
     let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
         .map(|c| c.split_whitespace().any(|x| x == "memory"))
         .unwrap_or(false);
-    let expected = if v2 { CgroupVersion::V2 } else { CgroupVersion::V1 };
+    let expected = if v2 {
+        CgroupVersion::V2
+    } else {
+        CgroupVersion::V1
+    };
     assert_eq!(sb.cgroup_version(), expected);
 }
 
 #[tokio::test]
 async fn runs_as_child_of_pid_1_in_its_own_pid_namespace() {
-    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
     let r = run(spec(
         "pidns",
         "echo $$; cut -d' ' -f4 /proc/$$/stat; ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '",
@@ -125,13 +139,26 @@ async fn runs_as_child_of_pid_1_in_its_own_pid_namespace() {
     .await;
     assert_eq!(r.exit.code, Some(0), "{}", r.stderr);
     let lines: Vec<&str> = r.stdout.lines().collect();
-    assert_eq!(lines[0], "2", "the command's shell is pid 2: {:?}", r.stdout);
+    assert_eq!(
+        lines[0], "2",
+        "the command's shell is pid 2: {:?}",
+        r.stdout
+    );
     assert_eq!(lines[1], "1", "its parent is pid 1: {:?}", r.stdout);
-    let pids: Vec<u32> = lines[2].split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let pids: Vec<u32> = lines[2]
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     assert!(pids.contains(&1) && pids.contains(&2), "{pids:?}");
-    assert!(pids.iter().all(|p| *p < 20), "only the sandbox's own pids: {pids:?}");
+    assert!(
+        pids.iter().all(|p| *p < 20),
+        "only the sandbox's own pids: {pids:?}"
+    );
     // Mounting /proc inside did not propagate to the host.
-    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
     assert_eq!(mounts_before, mounts_after);
 }
 
@@ -215,7 +242,9 @@ async fn http_get(p: &SandboxProcess, port: u16) -> String {
         }
     })
     .await;
-    conn.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    conn.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut resp = String::new();
     bounded("http response", conn.read_to_string(&mut resp))
         .await
@@ -244,11 +273,16 @@ async fn connect_reaches_a_server_inside_the_sandbox() {
     assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
     assert!(resp.contains("hello.txt"), "served from cwd: {resp}");
     // The server is not on the host's loopback.
-    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err());
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err());
     // Closed port inside: refused, not hanging.
     assert!(bounded("refused", p.connect(1)).await.is_err());
     let exit = bounded("stop", p.stop(Duration::from_secs(5))).await;
-    assert!(exit.signal == Some(libc::SIGTERM) || exit.code.is_some(), "{exit:?}");
+    assert!(
+        exit.signal == Some(libc::SIGTERM) || exit.code.is_some(),
+        "{exit:?}"
+    );
     assert_cgroup_gone(&p);
 }
 
@@ -282,7 +316,11 @@ async fn output_files_are_appended() {
             .spawn(SandboxSpec {
                 stdout: Output::File(out.clone()),
                 stderr: Output::File(err.clone()),
-                ..SandboxSpec::new(id("files"), "/", format!("echo out{round}; echo err{round} >&2"))
+                ..SandboxSpec::new(
+                    id("files"),
+                    "/",
+                    format!("echo out{round}; echo err{round} >&2"),
+                )
             })
             .await
             .unwrap();
@@ -296,14 +334,22 @@ async fn output_files_are_appended() {
 #[tokio::test]
 async fn exit_statuses_are_reported() {
     let r = run(spec("exit7", "exit 7")).await;
-    assert_eq!((r.exit.code, r.exit.signal, r.exit.oom_killed), (Some(7), None, false));
+    assert_eq!(
+        (r.exit.code, r.exit.signal, r.exit.oom_killed),
+        (Some(7), None, false)
+    );
     assert_eq!(r.exit.description, "exited with status 7");
 
     let r = run(spec("exit0", "true")).await;
     assert_eq!(r.exit.code, Some(0));
 
     let r = run(spec("usr1", "kill -USR1 $$; sleep 5")).await;
-    assert_eq!((r.exit.code, r.exit.signal), (None, Some(libc::SIGUSR1)), "{:?}", r.exit);
+    assert_eq!(
+        (r.exit.code, r.exit.signal),
+        (None, Some(libc::SIGUSR1)),
+        "{:?}",
+        r.exit
+    );
     assert_eq!(r.exit.description, "killed by signal 10 (SIGUSR1)");
 
     let r = run(spec("self9", "kill -9 $$")).await;
@@ -366,7 +412,10 @@ async fn stop_kills_a_command_that_ignores_sigterm_and_its_children() {
 async fn sigterm_reaches_the_command() {
     let sb = sandbox();
     let mut p = sb
-        .spawn(spec("graceful", "trap 'echo bye; exit 3' TERM; sleep 1000 & wait"))
+        .spawn(spec(
+            "graceful",
+            "trap 'echo bye; exit 3' TERM; sleep 1000 & wait",
+        ))
         .await
         .unwrap();
     let mut out = p.take_stdout().unwrap();
@@ -383,7 +432,10 @@ async fn sigterm_reaches_the_command() {
 
 #[tokio::test]
 async fn memory_hog_is_reported_as_oom_killed() {
-    let mut s = spec("oom", "python3 -c 'b = bytearray(200 * 1024 * 1024); print(len(b))'");
+    let mut s = spec(
+        "oom",
+        "python3 -c 'b = bytearray(200 * 1024 * 1024); print(len(b))'",
+    );
     s.memory_mb = 64;
     let r = run(s).await;
     assert!(r.exit.oom_killed, "{:?} {}", r.exit, r.stderr);
@@ -406,14 +458,23 @@ async fn pids_limit_stops_fork_bombs() {
     let mut s = spec("pids", "for i in $(seq 30); do sleep 5 & done; wait");
     s.pids_max = 10;
     let r = run(s).await;
-    assert!(r.stderr.to_lowercase().contains("fork"), "{:?} {}", r.exit, r.stderr);
+    assert!(
+        r.stderr.to_lowercase().contains("fork"),
+        "{:?} {}",
+        r.exit,
+        r.stderr
+    );
 }
 
 #[tokio::test]
 async fn adopt_after_dropping_the_handle() {
     let sb = sandbox();
     let p = sb
-        .spawn(SandboxSpec::new(id("adopt"), "/", "exec python3 -m http.server 8080 --bind 127.0.0.1"))
+        .spawn(SandboxSpec::new(
+            id("adopt"),
+            "/",
+            "exec python3 -m http.server 8080 --bind 127.0.0.1",
+        ))
         .await
         .unwrap();
     let persisted = p.persisted();
@@ -445,13 +506,19 @@ async fn adopt_after_dropping_the_handle() {
     assert!(exit.description.contains("unknown"), "{}", exit.description);
     assert_cgroup_gone(&a);
 
-    assert!(sb.adopt(&persisted).unwrap().is_none(), "a dead sandbox is not adopted");
+    assert!(
+        sb.adopt(&persisted).unwrap().is_none(),
+        "a dead sandbox is not adopted"
+    );
 }
 
 #[tokio::test]
 async fn wait_notices_a_kill_9_at_once() {
     let sb = sandbox();
-    let p = sb.spawn(spec("kill9", "sleep 1000 & sleep 1000")).await.unwrap();
+    let p = sb
+        .spawn(spec("kill9", "sleep 1000 & sleep 1000"))
+        .await
+        .unwrap();
     let pids = bounded("children to start", async {
         loop {
             let pids = cgroup_pids(&p);
@@ -478,7 +545,11 @@ async fn wait_notices_a_kill_9_at_once() {
 #[tokio::test]
 async fn wait_from_several_tasks() {
     let sb = sandbox();
-    let p = Arc::new(sb.spawn(spec("multiwait", "sleep 0.3; exit 4")).await.unwrap());
+    let p = Arc::new(
+        sb.spawn(spec("multiwait", "sleep 0.3; exit 4"))
+            .await
+            .unwrap(),
+    );
     let waiters: Vec<_> = (0..3)
         .map(|_| {
             let p = Arc::clone(&p);
@@ -521,7 +592,10 @@ async fn setup_errors_are_reported_and_cleaned_up() {
         })
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("/nonexistent/dir/out.log"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/dir/out.log"),
+        "{err}"
+    );
 
     let bad = ProcessSandbox::new("/nonexistent/init".into()).unwrap_err();
     assert!(bad.to_string().contains("/nonexistent/init"), "{bad}");
@@ -549,11 +623,17 @@ async fn limits_are_written_to_the_cgroup() {
     let cg = p.cgroup();
     match sb.cgroup_version() {
         CgroupVersion::V2 => {
-            assert_eq!(read(&cg.memory.join("memory.max")), (96u64 << 20).to_string());
+            assert_eq!(
+                read(&cg.memory.join("memory.max")),
+                (96u64 << 20).to_string()
+            );
             assert_eq!(read(&cg.memory.join("pids.max")), "77");
         }
         CgroupVersion::V1 => {
-            assert_eq!(read(&cg.memory.join("memory.limit_in_bytes")), (96u64 << 20).to_string());
+            assert_eq!(
+                read(&cg.memory.join("memory.limit_in_bytes")),
+                (96u64 << 20).to_string()
+            );
             if let Some(pids) = &cg.pids {
                 assert_eq!(read(&pids.join("pids.max")), "77");
             }
@@ -583,8 +663,15 @@ async fn spawn_takes_a_few_milliseconds() {
     }
     times.sort();
     let median = times[times.len() / 2];
-    eprintln!("spawn (until /bin/sh is executed): median {median:?}, min {:?}, max {:?}", times[0], times[times.len() - 1]);
-    assert!(median < Duration::from_millis(200), "median spawn {median:?}");
+    eprintln!(
+        "spawn (until /bin/sh is executed): median {median:?}, min {:?}, max {:?}",
+        times[0],
+        times[times.len() - 1]
+    );
+    assert!(
+        median < Duration::from_millis(200),
+        "median spawn {median:?}"
+    );
 }
 
 #[test]
@@ -592,7 +679,10 @@ fn adopt_outside_a_runtime_is_an_error() {
     let sb = sandbox();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let persisted = rt.block_on(async {
-        let p = sb.spawn(SandboxSpec::new(id("nort"), "/", "true")).await.unwrap();
+        let p = sb
+            .spawn(SandboxSpec::new(id("nort"), "/", "true"))
+            .await
+            .unwrap();
         let persisted = p.persisted();
         bounded("wait", p.wait()).await;
         persisted
