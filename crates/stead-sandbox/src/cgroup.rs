@@ -25,7 +25,7 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const STEAD_DIR: &str = "stead";
 /// On v2, the leaf the agent's own processes move to when its cgroup must
 /// delegate controllers (the "no internal processes" rule).
-const AGENT_LEAF: &str = "agent";
+const AGENT_LEAF: &str = "stead-agent";
 
 /// Which cgroup hierarchy the host uses.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,7 +274,15 @@ impl CgroupLayout {
             .ok_or_else(|| SandboxError::CgroupUnavailable {
                 reason: "/proc/self/cgroup has no cgroup v2 (0::) entry".into(),
             })?;
-        let own_dir = root.join(own_path.trim_start_matches('/'));
+        let mut own_dir = root.join(own_path.trim_start_matches('/'));
+        // After an earlier run moved the agent into its leaf (or systemd put
+        // it there, with `DelegateSubgroup=stead-agent`), the cgroup to
+        // delegate from is the leaf's parent: the same one as before.
+        if own_dir.file_name().and_then(|n| n.to_str()) == Some(AGENT_LEAF) {
+            if let Some(parent) = own_dir.parent() {
+                own_dir = parent.to_path_buf();
+            }
+        }
         let parent = match parent_override {
             Some(p) => root.join(p.trim_start_matches('/')),
             None => own_dir.join(STEAD_DIR),

@@ -6,7 +6,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -194,6 +194,9 @@ fn check_persisted_cgroup(p: &Persisted) -> Result<(), SandboxError> {
     })?;
     for dir in p.cgroup.dirs() {
         let ok = dir.starts_with("/sys/fs/cgroup")
+            && dir
+                .components()
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
             && dir.file_name().and_then(|n| n.to_str()) == Some(p.id.as_str());
         if !ok {
             return Err(SandboxError::InvalidSpec {

@@ -453,17 +453,37 @@ async fn memory_hog_is_reported_as_oom_killed() {
     );
 }
 
+const FORKER: &str = "import os, time
+n = 0
+try:
+    for i in range(50):
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        n += 1
+    print('forked', n)
+except OSError as e:
+    print('fork failed after', n, e)";
+
 #[tokio::test]
 async fn pids_limit_stops_fork_bombs() {
-    let mut s = spec("pids", "for i in $(seq 30); do sleep 5 & done; wait");
+    let mut s = spec("pids", "python3 -c \"$FORKER\"");
+    s.env.insert("FORKER".into(), FORKER.into());
     s.pids_max = 10;
+    let started = Instant::now();
     let r = run(s).await;
     assert!(
-        r.stderr.to_lowercase().contains("fork"),
-        "{:?} {}",
+        r.stdout.starts_with("fork failed after"),
+        "{:?} {} {}",
         r.exit,
+        r.stdout,
         r.stderr
     );
+    let n: u32 = r.stdout.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(n < 10, "{}", r.stdout);
+    // The sleeping children did not keep the sandbox alive: they died with
+    // its pid 1 when the command exited.
+    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 #[tokio::test]
