@@ -745,4 +745,47 @@ mod tests {
         let back: CgroupPaths = serde_json::from_str(&json).unwrap();
         assert_eq!(back, p);
     }
+
+    /// A fake v2 tree (plain files): path computation, and what gets written
+    /// into a sandbox's cgroup. (The real v2 kernel interface is exercised
+    /// by the integration tests on v2 hosts.)
+    #[test]
+    fn v2_layout_on_a_fake_tree() {
+        let root = tempfile::tempdir().unwrap();
+        let own = "/system.slice/stead.service";
+        let own_dir = root.path().join(own.trim_start_matches('/'));
+        fs::create_dir_all(&own_dir).unwrap();
+        for d in [root.path(), own_dir.parent().unwrap(), own_dir.as_path()] {
+            fs::write(d.join("cgroup.subtree_control"), "cpu memory pids\n").unwrap();
+        }
+        // Already moved into the leaf by an earlier run.
+        let entries = parse_proc_cgroup(&format!("0::{own}/{AGENT_LEAF}\n"));
+        // `stead` will be created; pretend the kernel fills it in.
+        let stead = own_dir.join(STEAD_DIR);
+        fs::create_dir(&stead).unwrap();
+        fs::write(stead.join("cgroup.subtree_control"), "memory pids\n").unwrap();
+        let layout = CgroupLayout::prepare_v2(root.path(), &entries, None).unwrap();
+        assert_eq!(layout.version, CgroupVersion::V2);
+        assert_eq!(layout.memory_parent, stead);
+
+        fs::create_dir(stead.join("inst")).unwrap();
+        fs::write(stead.join("inst").join("cgroup.procs"), "").unwrap();
+        fs::write(stead.join("inst").join("memory.swap.max"), "max").unwrap();
+        let paths = layout.paths_for("inst");
+        assert_eq!(paths.pids, None);
+        paths.set_limits("inst", 64 << 20, 100).unwrap();
+        let read = |f: &str| fs::read_to_string(stead.join("inst").join(f)).unwrap();
+        assert_eq!(read("memory.max"), (64u64 << 20).to_string());
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("pids.max"), "100");
+        assert_eq!(paths.dirs(), vec![stead.join("inst").as_path()]);
+
+        // An explicit parent is taken from the hierarchy root.
+        let alt = root.path().join("stead-sandboxes");
+        fs::create_dir(&alt).unwrap();
+        fs::write(alt.join("cgroup.subtree_control"), "memory pids").unwrap();
+        let layout =
+            CgroupLayout::prepare_v2(root.path(), &entries, Some("/stead-sandboxes")).unwrap();
+        assert_eq!(layout.memory_parent, alt);
+    }
 }
