@@ -149,6 +149,18 @@ fn parse_args(args: &[OsString]) -> Option<(RawFd, RawFd)> {
 /// Body of the `__sandbox-init` hidden subcommand: the agent re-executes
 /// its own binary (or a small helper) with it to set up a sandbox. Never
 /// returns: it ends up exiting with the sandboxed command's status.
+///
+/// Call it first thing in `main`, before anything starts a thread (a tokio
+/// runtime, a logging thread): it forks, and only a single-threaded process
+/// can safely do arbitrary work after fork. It needs no logging setup
+/// either: errors go back to the agent through the status pipe.
+///
+/// ```no_run
+/// // First lines of the agent's `main`:
+/// if std::env::args_os().nth(1).is_some_and(|a| a == stead_sandbox::INIT_SUBCOMMAND) {
+///     stead_sandbox::init_main();
+/// }
+/// ```
 pub fn init_main() -> ! {
     let args: Vec<OsString> = std::env::args_os().collect();
     let Some((config_fd, status_fd)) = parse_args(&args) else {

@@ -14,10 +14,26 @@
 //! ```
 //!
 //! The agent's binary must call [`init_main`] when `argv[1]` is
-//! [`INIT_SUBCOMMAND`]; see the `init` module docs for what each process
-//! does. Still to come (hence [`SandboxSpec`] is built to grow): a user
-//! namespace, pivot_root into a read-only root, seccomp, dropped
-//! capabilities, CPU limits.
+//! [`INIT_SUBCOMMAND`]. The outer init joins the sandbox's cgroup before it
+//! executes (so everything it forks is limited), makes mounts private, sets
+//! the hostname and brings `lo` up; pid 1 mounts a fresh `/proc`, forwards
+//! SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to the command's process
+//! group, reaps zombies, and exits with the command (the kernel then kills
+//! the rest of the namespace); the outer init exits the way the command did,
+//! so the agent (its parent) sees the command's status.
+//!
+//! Sandboxes outlive the agent: dropping a [`SandboxProcess`] leaves it
+//! running, and a restarted agent re-attaches with
+//! [`ProcessSandbox::adopt`]. Under systemd that requires `KillMode=process`
+//! (or the sandboxes' cgroups being outside the unit's); on cgroup v2 the
+//! agent's cgroup must be delegated (`Delegate=yes`, ideally
+//! `DelegateSubgroup=stead-agent`), or the agent moves its own cgroup's
+//! processes into a `stead-agent` leaf so that it may delegate to
+//! `<its cgroup>/stead`.
+//!
+//! Still to come (hence [`SandboxSpec`] is built to grow): a user namespace,
+//! pivot_root into a read-only root, seccomp, no_new_privs, dropped
+//! capabilities, CPU limits, egress rules for the network namespace.
 
 mod cgroup;
 mod error;
