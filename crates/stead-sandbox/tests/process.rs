@@ -252,7 +252,8 @@ async fn http_get(p: &SandboxProcess, port: u16) -> String {
     resp
 }
 
-#[tokio::test]
+// The agent's runtime is multi-threaded: so is this test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_reaches_a_server_inside_the_sandbox() {
     let sb = sandbox();
     let port = free_host_port();
@@ -379,7 +380,8 @@ async fn environment_is_the_specs_and_cwd_is_set() {
     assert_eq!(*lines.last().unwrap(), dir.path().to_str().unwrap());
 }
 
-#[tokio::test]
+// The agent's runtime is multi-threaded: so is this test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_kills_a_command_that_ignores_sigterm_and_its_children() {
     let sb = sandbox();
     let p = sb
@@ -486,7 +488,8 @@ async fn pids_limit_stops_fork_bombs() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-#[tokio::test]
+// The agent's runtime is multi-threaded: so is this test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adopt_after_dropping_the_handle() {
     let sb = sandbox();
     let p = sb
@@ -532,7 +535,8 @@ async fn adopt_after_dropping_the_handle() {
     );
 }
 
-#[tokio::test]
+// The agent's runtime is multi-threaded: so is this test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_notices_a_kill_9_at_once() {
     let sb = sandbox();
     let p = sb
@@ -562,7 +566,8 @@ async fn wait_notices_a_kill_9_at_once() {
     assert_cgroup_gone(&p);
 }
 
-#[tokio::test]
+// The agent's runtime is multi-threaded: so is this test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_from_several_tasks() {
     let sb = sandbox();
     let p = Arc::new(
@@ -668,7 +673,8 @@ async fn limits_are_written_to_the_cgroup() {
     assert_cgroup_gone(&p);
 }
 
-#[tokio::test]
+// The agent's runtime is multi-threaded: so is this test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spawn_takes_a_few_milliseconds() {
     let sb = sandbox();
     let mut times = Vec::new();
