@@ -10,9 +10,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use stead_api::{
-    BuildComplete, BuildLogAppend, BuildTask, ClaimRequest, ClaimResponse, ErrorBody, HeartbeatRequest,
-    HeartbeatResponse, InstanceLogBatch, IntendedApp, IntendedHostState, LeaseRequest, LeaseResponse,
-    RegisterRequest, RegisterResponse, RouteTable, RunSpec, VersionInfo,
+    BuildComplete, BuildLogAppend, BuildTask, ClaimRequest, ClaimResponse, ErrorBody,
+    HeartbeatRequest, HeartbeatResponse, InstanceLogBatch, IntendedApp, IntendedHostState,
+    LeaseRequest, LeaseResponse, RegisterRequest, RegisterResponse, RouteTable, RunSpec,
+    VersionInfo,
 };
 use stead_store::CompleteOutcome;
 
@@ -30,19 +31,35 @@ pub(crate) async fn register(
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> Result<Json<RegisterResponse>, ApiError> {
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if name.is_empty()
+        || name.len() > 253
+        || name.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
         return Err(ApiError::bad_request(
             "invalid_request",
-            format!("host name {:?} is invalid: use 1 to 253 characters without spaces", req.name),
+            format!(
+                "host name {:?} is invalid: use 1 to 253 characters without spaces",
+                req.name
+            ),
         ));
     }
     let resp = state.store.register_host(&req).await?;
-    tracing::info!(host = name, host_id = resp.host_id, session = resp.session, "host registered");
+    tracing::info!(
+        host = name,
+        host_id = resp.host_id,
+        session = resp.session,
+        "host registered"
+    );
     Ok(Json(resp))
 }
 
 /// Env an instance or build of `app` version `version` gets.
-async fn env_for(state: &AppState, app_id: i64, app: &str, version: u32) -> Result<BTreeMap<String, String>, ApiError> {
+async fn env_for(
+    state: &AppState,
+    app_id: i64,
+    app: &str,
+    version: u32,
+) -> Result<BTreeMap<String, String>, ApiError> {
     let mut env = state.store.env_plain(app_id).await.map_err(|e| {
         ApiError::internal(format!(
             "cannot read the environment of app {app}: {e}; check the server's secret key"
@@ -63,9 +80,15 @@ pub(crate) async fn heartbeat(
     _auth: HostAuth,
     ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
-    state.store.heartbeat(&req.host_id, &req.session, &req.instances).await?;
+    state
+        .store
+        .heartbeat(&req.host_id, &req.session, &req.instances)
+        .await?;
     state.changed();
-    let alive = state.store.alive_host_ids(state.config.host_timeout).await?;
+    let alive = state
+        .store
+        .alive_host_ids(state.config.host_timeout)
+        .await?;
     let Some(me) = alive.iter().position(|h| h == &req.host_id) else {
         return Ok(Json(HeartbeatResponse {
             intended: IntendedHostState::default(),
@@ -99,11 +122,11 @@ pub(crate) async fn heartbeat(
 }
 
 async fn check_session(state: &AppState, host_id: &str, session: &str) -> Result<(), ApiError> {
-    let host = state
-        .store
-        .get_host(host_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("host {host_id} is not registered; register it again")))?;
+    let host = state.store.get_host(host_id).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "host {host_id} is not registered; register it again"
+        ))
+    })?;
     if host.session != session {
         return Err(ApiError::conflict(
             "stale_session",
@@ -133,7 +156,13 @@ pub(crate) async fn claim(
     else {
         return Ok(Json(ClaimResponse { task: None }));
     };
-    tracing::info!(app = t.app, version = t.version, build = t.id, host = req.host_id, "build claimed");
+    tracing::info!(
+        app = t.app,
+        version = t.version,
+        build = t.id,
+        host = req.host_id,
+        "build claimed"
+    );
     let env = env_for(&state, t.app_id, &t.app, t.version).await?;
     Ok(Json(ClaimResponse {
         task: Some(BuildTask {
@@ -211,13 +240,23 @@ pub(crate) async fn complete(
             ))
         }
     };
-    let outcome = state.store.complete_build(id, &req.host_id, &req.session, result).await?;
+    let outcome = state
+        .store
+        .complete_build(id, &req.host_id, &req.session, result)
+        .await?;
     let task = state.store.get_build(id).await?;
     match &outcome {
         CompleteOutcome::Succeeded { activated } => {
-            tracing::info!(app = task.app, version = task.version, activated, "build succeeded")
+            tracing::info!(
+                app = task.app,
+                version = task.version,
+                activated,
+                "build succeeded"
+            )
         }
-        CompleteOutcome::Failed => tracing::info!(app = task.app, version = task.version, "build failed"),
+        CompleteOutcome::Failed => {
+            tracing::info!(app = task.app, version = task.version, "build failed")
+        }
         CompleteOutcome::AlreadyDone => {}
     }
     state.changed();
@@ -226,11 +265,20 @@ pub(crate) async fn complete(
         .get_version(task.app_id, task.version)
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("version {} of app {} no longer exists", task.version, task.app)))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "version {} of app {} no longer exists",
+                task.version, task.app
+            ))
+        })
 }
 
 fn check_hash(hash: &str) -> Result<(), ApiError> {
-    if hash.len() == 64 && hash.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+    if hash.len() == 64
+        && hash
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    {
         Ok(())
     } else {
         Err(ApiError::bad_request(
@@ -249,11 +297,9 @@ pub(crate) async fn get_blob(
     ApiPath(hash): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     check_hash(&hash)?;
-    let data = state
-        .store
-        .get_blob(&hash)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("blob {hash} does not exist; upload it first")))?;
+    let data = state.store.get_blob(&hash).await?.ok_or_else(|| {
+        ApiError::not_found(format!("blob {hash} does not exist; upload it first"))
+    })?;
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
@@ -287,7 +333,10 @@ pub(crate) async fn put_blob(
     if upload.hash != hash {
         return Err(ApiError::bad_request(
             "hash_mismatch",
-            format!("the uploaded body hashes to {} but was sent as blob {hash}; upload it again", upload.hash),
+            format!(
+                "the uploaded body hashes to {} but was sent as blob {hash}; upload it again",
+                upload.hash
+            ),
         ));
     }
     if !state.store.blob_exists(&hash).await? {
@@ -307,18 +356,25 @@ pub(crate) async fn instance_logs(
     _auth: HostAuth,
     ApiJson(req): ApiJson<InstanceLogBatch>,
 ) -> Result<StatusCode, ApiError> {
-    let host = state
+    let host = state.store.get_host(&req.host_id).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "host {} is not registered; register it again",
+            req.host_id
+        ))
+    })?;
+    state
         .store
-        .get_host(&req.host_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("host {} is not registered; register it again", req.host_id)))?;
-    state.store.append_instance_logs(&host.name, &req.lines).await?;
+        .append_instance_logs(&host.name, &req.lines)
+        .await?;
     state.changed();
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/v1/routes", tag = "agent", security(("bearer" = [])),
     responses((status = 200, body = RouteTable), (status = 403, body = ErrorBody)))]
-pub(crate) async fn routes(State(state): State<AppState>, _auth: HostAuth) -> Result<Json<RouteTable>, ApiError> {
+pub(crate) async fn routes(
+    State(state): State<AppState>,
+    _auth: HostAuth,
+) -> Result<Json<RouteTable>, ApiError> {
     Ok(Json(state.store.routes(state.config.host_timeout).await?))
 }

@@ -13,8 +13,9 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use stead_api::{
-    names, AppConfig, AppStatus, AppSummary, BuildLogPage, DeployResponse, EnvSetRequest, EnvVar, ErrorBody, Event,
-    HostInfo, LogLine, RollbackRequest, ScaleSettings, ServerInfo, VersionInfo, VersionState, WhoAmI,
+    names, AppConfig, AppStatus, AppSummary, BuildLogPage, DeployResponse, EnvSetRequest, EnvVar,
+    ErrorBody, Event, HostInfo, LogLine, RollbackRequest, ScaleSettings, ServerInfo, VersionInfo,
+    VersionState, WhoAmI,
 };
 use stead_store::{AppRecord, NewVersion, StoreError};
 use tokio::io::AsyncWriteExt;
@@ -30,7 +31,11 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 /// control-plane replica (which cannot wake us) are seen promptly.
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
-pub(crate) async fn load_app(state: &AppState, auth: &UserAuth, app: &str) -> Result<AppRecord, ApiError> {
+pub(crate) async fn load_app(
+    state: &AppState,
+    auth: &UserAuth,
+    app: &str,
+) -> Result<AppRecord, ApiError> {
     state
         .store
         .get_app(auth.org_id, app)
@@ -41,7 +46,11 @@ pub(crate) async fn load_app(state: &AppState, auth: &UserAuth, app: &str) -> Re
 /// Waits until `check` returns something to answer with, a change is
 /// signalled and the re-check answers, or the deadline passes (then the last
 /// answer is returned).
-async fn long_poll<T, F, Fut>(state: &AppState, wait_ms: Option<u64>, mut check: F) -> Result<T, ApiError>
+async fn long_poll<T, F, Fut>(
+    state: &AppState,
+    wait_ms: Option<u64>,
+    mut check: F,
+) -> Result<T, ApiError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(T, bool), ApiError>>,
@@ -92,7 +101,10 @@ pub(crate) async fn whoami(AnyAuth(p): AnyAuth) -> Json<WhoAmI> {
 
 #[utoipa::path(get, path = "/v1/apps", tag = "apps", security(("bearer" = [])),
     responses((status = 200, body = Vec<AppSummary>), (status = 401, body = ErrorBody)))]
-pub(crate) async fn list_apps(State(state): State<AppState>, auth: UserAuth) -> Result<Json<Vec<AppSummary>>, ApiError> {
+pub(crate) async fn list_apps(
+    State(state): State<AppState>,
+    auth: UserAuth,
+) -> Result<Json<Vec<AppSummary>>, ApiError> {
     Ok(Json(state.store.list_apps(auth.org_id).await?))
 }
 
@@ -168,11 +180,18 @@ impl Upload {
 
 /// Streams a request body to a temp file while hashing and counting, and
 /// stops (the temp file is removed) as soon as it exceeds `limit`.
-pub(crate) async fn receive_upload(state: &AppState, body: Body, limit: u64, limit_msg: impl Fn(u64) -> String) -> Result<Upload, ApiError> {
+pub(crate) async fn receive_upload(
+    state: &AppState,
+    body: Body,
+    limit: u64,
+    limit_msg: impl Fn(u64) -> String,
+) -> Result<Upload, ApiError> {
     let file = tempfile::Builder::new()
         .prefix("upload-")
         .tempfile_in(state.uploads_dir())
-        .map_err(|e| ApiError::internal(format!("cannot create a temp file for the upload: {e}")))?;
+        .map_err(|e| {
+            ApiError::internal(format!("cannot create a temp file for the upload: {e}"))
+        })?;
     let std_file = file
         .as_file()
         .try_clone()
@@ -183,11 +202,18 @@ pub(crate) async fn receive_upload(state: &AppState, body: Body, limit: u64, lim
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
-            ApiError::bad_request("upload_failed", format!("the upload was interrupted: {e}; upload again"))
+            ApiError::bad_request(
+                "upload_failed",
+                format!("the upload was interrupted: {e}; upload again"),
+            )
         })?;
         size += chunk.len() as u64;
         if size > limit {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", limit_msg(limit)));
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                limit_msg(limit),
+            ));
         }
         hasher.update(&chunk);
         out.write_all(&chunk)
@@ -243,7 +269,10 @@ pub(crate) async fn deploy(
                 .map(str::trim)
                 .filter(|k| !k.is_empty() && k.len() <= 200)
                 .ok_or_else(|| {
-                    ApiError::bad_request("invalid_request", "the idempotency-key header must be 1 to 200 characters of text")
+                    ApiError::bad_request(
+                        "invalid_request",
+                        "the idempotency-key header must be 1 to 200 characters of text",
+                    )
                 })?;
             Some(k.to_string())
         }
@@ -253,7 +282,10 @@ pub(crate) async fn deploy(
             if prior.app != app {
                 return Err(ApiError::conflict(
                     "idempotency_conflict",
-                    format!("idempotency key {k:?} was already used to deploy app {}; use a new key", prior.app),
+                    format!(
+                        "idempotency key {k:?} was already used to deploy app {}; use a new key",
+                        prior.app
+                    ),
                 ));
             }
             return Ok((StatusCode::OK, Json(prior)));
@@ -285,9 +317,17 @@ pub(crate) async fn deploy(
     .await
     .map_err(|e| ApiError::internal(format!("bundle check crashed: {e}")))?
     .map_err(|e| ApiError::internal(format!("cannot read the uploaded bundle back: {e}")))?
-    .map_err(|e| ApiError::bad_request("invalid_bundle", format!("the bundle for app {app} was rejected: {e}")))?;
-    let config = AppConfig::from_files(inspection.stead_toml.as_deref(), inspection.dbos_config.as_deref())
-        .map_err(|e| ApiError::bad_request("invalid_config", format!("app {app}: {e}")))?;
+    .map_err(|e| {
+        ApiError::bad_request(
+            "invalid_bundle",
+            format!("the bundle for app {app} was rejected: {e}"),
+        )
+    })?;
+    let config = AppConfig::from_files(
+        inspection.stead_toml.as_deref(),
+        inspection.dbos_config.as_deref(),
+    )
+    .map_err(|e| ApiError::bad_request("invalid_config", format!("app {app}: {e}")))?;
     if config.name != app {
         return Err(ApiError::bad_request(
             "name_mismatch",
@@ -416,8 +456,12 @@ pub(crate) async fn rollback(
     let req: RollbackRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RollbackRequest::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request("invalid_request", format!("the rollback request is not valid JSON: {e}")))?
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_request",
+                format!("the rollback request is not valid JSON: {e}"),
+            )
+        })?
     };
     let rec = load_app(&state, &auth, &app).await?;
     let v = state.store.rollback(rec.id, req.version).await?;
@@ -440,7 +484,8 @@ pub(crate) async fn list_env(
 }
 
 fn check_env_key(app: &str, key: &str) -> Result<(), ApiError> {
-    names::validate_env_key(key).map_err(|m| ApiError::bad_request("invalid_env", format!("app {app}: {m}")))?;
+    names::validate_env_key(key)
+        .map_err(|m| ApiError::bad_request("invalid_env", format!("app {app}: {m}")))?;
     if key.starts_with("STEAD_") || key.starts_with("DBOS__") || key == "PORT" {
         return Err(ApiError::bad_request(
             "reserved_env",
@@ -463,7 +508,10 @@ pub(crate) async fn set_env(
 ) -> Result<Json<Vec<EnvVar>>, ApiError> {
     let rec = load_app(&state, &auth, &app).await?;
     if req.vars.is_empty() {
-        return Err(ApiError::bad_request("invalid_env", format!("app {app}: no variables given; pass KEY=VALUE")));
+        return Err(ApiError::bad_request(
+            "invalid_env",
+            format!("app {app}: no variables given; pass KEY=VALUE"),
+        ));
     }
     for (k, v) in &req.vars {
         check_env_key(&app, k)?;
@@ -514,7 +562,10 @@ pub(crate) async fn logs(
         return Ok(Json(state.store.instance_logs_tail(rec.id, limit).await?));
     };
     let lines = long_poll(&state, q.wait_ms, || async {
-        let lines = state.store.instance_logs_after(rec.id, after, limit).await?;
+        let lines = state
+            .store
+            .instance_logs_after(rec.id, after, limit)
+            .await?;
         let done = !lines.is_empty();
         Ok((lines, done))
     })
@@ -545,6 +596,11 @@ pub(crate) async fn events(
 
 #[utoipa::path(get, path = "/v1/hosts", tag = "hosts", security(("bearer" = [])),
     responses((status = 200, body = Vec<HostInfo>), (status = 401, body = ErrorBody)))]
-pub(crate) async fn list_hosts(State(state): State<AppState>, _auth: UserAuth) -> Result<Json<Vec<HostInfo>>, ApiError> {
-    Ok(Json(state.store.list_hosts(state.config.host_timeout).await?))
+pub(crate) async fn list_hosts(
+    State(state): State<AppState>,
+    _auth: UserAuth,
+) -> Result<Json<Vec<HostInfo>>, ApiError> {
+    Ok(Json(
+        state.store.list_hosts(state.config.host_timeout).await?,
+    ))
 }

@@ -48,7 +48,9 @@ async fn principal(parts: &Parts, state: &AppState) -> Result<Principal, ApiErro
         .map(str::trim)
         .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
     if !looks_like_token(token) {
-        return Err(unauthorized("the token is malformed (Stead tokens start with `stead_`)"));
+        return Err(unauthorized(
+            "the token is malformed (Stead tokens start with `stead_`)",
+        ));
     }
     state
         .store
@@ -59,7 +61,10 @@ async fn principal(parts: &Parts, state: &AppState) -> Result<Principal, ApiErro
 
 impl FromRequestParts<AppState> for UserAuth {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let p = principal(parts, state).await?;
         match (p.kind, p.org_id, p.org) {
             (TokenKind::User, Some(org_id), Some(org)) => Ok(UserAuth {
@@ -78,7 +83,10 @@ impl FromRequestParts<AppState> for UserAuth {
 
 impl FromRequestParts<AppState> for HostAuth {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let p = principal(parts, state).await?;
         if p.kind == TokenKind::Host {
             Ok(HostAuth)
@@ -94,7 +102,10 @@ impl FromRequestParts<AppState> for HostAuth {
 
 impl FromRequestParts<AppState> for AnyAuth {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         Ok(AnyAuth(principal(parts, state).await?))
     }
 }

@@ -96,7 +96,10 @@ fn json_rejection(e: JsonRejection) -> ApiError {
     ApiError::new(
         e.status(),
         "invalid_request",
-        format!("the request body is not the expected JSON: {}", e.body_text()),
+        format!(
+            "the request body is not the expected JSON: {}",
+            e.body_text()
+        ),
     )
 }
 
@@ -114,7 +117,10 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
 }
 
 fn path_rejection(e: PathRejection) -> ApiError {
-    ApiError::bad_request("invalid_request", format!("invalid path: {}", e.body_text()))
+    ApiError::bad_request(
+        "invalid_request",
+        format!("invalid path: {}", e.body_text()),
+    )
 }
 
 /// `Query<T>` with `ErrorBody` rejections.
@@ -131,5 +137,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 }
 
 fn query_rejection(e: QueryRejection) -> ApiError {
-    ApiError::bad_request("invalid_request", format!("invalid query string: {}", e.body_text()))
+    ApiError::bad_request(
+        "invalid_request",
+        format!("invalid query string: {}", e.body_text()),
+    )
 }

@@ -137,7 +137,9 @@ impl Server {
             Some(k) => k,
             None => load_or_create_key(&data_dir.join("secret.key"))?,
         };
-        let store = Store::connect(&config.database_url).await?.with_secret_key(key);
+        let store = Store::connect(&config.database_url)
+            .await?
+            .with_secret_key(key);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -171,7 +173,10 @@ impl Server {
 
     /// Serves until `shutdown` completes, then finishes requests in flight
     /// (long-polls return at once).
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let state = self.state.clone();
         let router = router(self.state);
         let flag = state.shutting_down.clone();
@@ -194,11 +199,14 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], ServerError> {
     };
     match std::fs::read_to_string(path) {
         Ok(text) => {
-            let bytes = hex::decode(text.trim())
-                .map_err(|e| err(format!("is not 64 hex characters ({e}); restore it from backup")))?;
-            bytes
-                .try_into()
-                .map_err(|_| err("must hold 32 bytes as 64 hex characters; restore it from backup".into()))
+            let bytes = hex::decode(text.trim()).map_err(|e| {
+                err(format!(
+                    "is not 64 hex characters ({e}); restore it from backup"
+                ))
+            })?;
+            bytes.try_into().map_err(|_| {
+                err("must hold 32 bytes as 64 hex characters; restore it from backup".into())
+            })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             use std::io::Write;

@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use stead_api::{
-    mask_secret, AppConfig, AppSummary, BuildLogLine, DeployResponse, EnvVar, Event, InstanceLogLine, LogLine,
-    LogStream, VersionInfo, VersionState,
+    mask_secret, AppConfig, AppSummary, BuildLogLine, DeployResponse, EnvVar, Event,
+    InstanceLogLine, LogLine, LogStream, VersionInfo, VersionState,
 };
 
 use crate::{
-    crypto, get_i64, get_opt_i64, get_opt_str, get_str, insert_event, now_ms, to_u32, Result, Store, StoreError,
+    crypto, get_i64, get_opt_i64, get_opt_str, get_str, insert_event, now_ms, to_u32, Result,
+    Store, StoreError,
 };
 
 /// Instance log lines kept per app; older ones are dropped as new ones arrive
@@ -75,10 +76,11 @@ pub(crate) fn version_from_row(row: &AnyRow) -> Result<VersionInfo> {
         table: "versions",
         message: format!("unknown state {state_s:?}"),
     })?;
-    let config: AppConfig = serde_json::from_str(&get_str(row, "config")?).map_err(|e| StoreError::Corrupt {
-        table: "versions",
-        message: format!("config of version {number}: {e}"),
-    })?;
+    let config: AppConfig =
+        serde_json::from_str(&get_str(row, "config")?).map_err(|e| StoreError::Corrupt {
+            table: "versions",
+            message: format!("config of version {number}: {e}"),
+        })?;
     Ok(VersionInfo {
         app: get_str(row, "app")?,
         number,
@@ -278,7 +280,8 @@ impl Store {
     /// state `building`, its queued build task, the idempotency key and a
     /// `deploy` event. A key already used returns the earlier answer.
     pub async fn create_version(&self, new: &NewVersion) -> Result<DeployOutcome> {
-        self.retry("create_version", || self.create_version_once(new)).await
+        self.retry("create_version", || self.create_version_once(new))
+            .await
     }
 
     async fn create_version_once(&self, new: &NewVersion) -> Result<DeployOutcome> {
@@ -340,7 +343,8 @@ impl Store {
             .await?,
             "last_version",
         )?;
-        let config = serde_json::to_string(&new.config).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let config =
+            serde_json::to_string(&new.config).map_err(|e| StoreError::Invalid(e.to_string()))?;
         sqlx::query(
             "INSERT INTO versions (app_id, number, state, bundle_hash, bundle_size, config, created_at) \
              VALUES ($1, $2, 'building', $3, $4, $5, $6)",
@@ -427,7 +431,13 @@ impl Store {
     }
 
     /// Build log lines of a version after `after`, oldest first.
-    pub async fn build_log(&self, app_id: i64, version: u32, after: i64, limit: i64) -> Result<Vec<BuildLogLine>> {
+    pub async fn build_log(
+        &self,
+        app_id: i64,
+        version: u32,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<BuildLogLine>> {
         let rows = sqlx::query(
             "SELECT l.seq AS seq, l.ts AS ts, l.stream AS stream, l.line AS line FROM build_logs l \
              JOIN build_tasks t ON t.id = l.task_id WHERE t.app_id = $1 AND t.version = $2 AND l.seq > $3 \
@@ -455,34 +465,41 @@ impl Store {
     /// Default target: the highest ready version below the active one.
     /// Returns the version now active.
     pub async fn rollback(&self, app_id: i64, target: Option<u32>) -> Result<u32> {
-        self.retry("rollback", || self.rollback_once(app_id, target)).await
+        self.retry("rollback", || self.rollback_once(app_id, target))
+            .await
     }
 
     async fn rollback_once(&self, app_id: i64, target: Option<u32>) -> Result<u32> {
         let mut tx = self.pool.begin().await?;
         // Touch the row first so concurrent rollbacks serialise on it.
-        let row = sqlx::query("UPDATE apps SET event_seq = event_seq WHERE id = $1 RETURNING name, active_version")
-            .bind(app_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound("the app no longer exists".into()))?;
+        let row = sqlx::query(
+            "UPDATE apps SET event_seq = event_seq WHERE id = $1 RETURNING name, active_version",
+        )
+        .bind(app_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound("the app no longer exists".into()))?;
         let name = get_str(&row, "name")?;
         let active = get_opt_i64(&row, "active_version")?;
         let number = match target {
             Some(n) => {
-                let v = sqlx::query("SELECT state, error FROM versions WHERE app_id = $1 AND number = $2")
-                    .bind(app_id)
-                    .bind(i64::from(n))
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .ok_or_else(|| {
-                        StoreError::NotFound(format!(
-                            "app {name} has no version {n}; run `stead versions {name}` to list them"
-                        ))
-                    })?;
+                let v = sqlx::query(
+                    "SELECT state, error FROM versions WHERE app_id = $1 AND number = $2",
+                )
+                .bind(app_id)
+                .bind(i64::from(n))
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| {
+                    StoreError::NotFound(format!(
+                        "app {name} has no version {n}; run `stead versions {name}` to list them"
+                    ))
+                })?;
                 let state = get_str(&v, "state")?;
                 if state != "ready" {
-                    let why = get_opt_str(&v, "error")?.map(|e| format!(": {e}")).unwrap_or_default();
+                    let why = get_opt_str(&v, "error")?
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default();
                     return Err(StoreError::Invalid(format!(
                         "version {n} of app {name} is {state}{why}; only a ready version can be made active"
                     )));
@@ -520,7 +537,9 @@ impl Store {
             "rollback",
             &format!(
                 "active version set to {number} (was {})",
-                active.map(|a| a.to_string()).unwrap_or_else(|| "none".into())
+                active
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "none".into())
             ),
             serde_json::json!({"version": number, "previous": active}),
         )
@@ -567,16 +586,20 @@ impl Store {
         let nonce: Option<Vec<u8>> = r.try_get("nonce")?;
         match (ct, nonce) {
             (Some(ct), Some(nonce)) => crypto::decrypt(secret_key, app_id, key, &ct, &nonce),
-            _ => Err(StoreError::Decrypt { key: key.to_string() }),
+            _ => Err(StoreError::Decrypt {
+                key: key.to_string(),
+            }),
         }
     }
 
     /// The environment instances and builds get: plain values and decrypted secrets.
     pub async fn env_plain(&self, app_id: i64) -> Result<BTreeMap<String, String>> {
-        let rows = sqlx::query("SELECT key, value, secret, ciphertext, nonce FROM env_vars WHERE app_id = $1")
-            .bind(app_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT key, value, secret, ciphertext, nonce FROM env_vars WHERE app_id = $1",
+        )
+        .bind(app_id)
+        .fetch_all(&self.pool)
+        .await?;
         let mut out = BTreeMap::new();
         for r in &rows {
             let key = get_str(r, "key")?;
@@ -592,7 +615,12 @@ impl Store {
 
     /// Sets env vars (secrets encrypted) and records an `env` event, in one
     /// transaction. Keys must already be validated by the caller.
-    pub async fn set_env(&self, app_id: i64, vars: &BTreeMap<String, String>, secret: bool) -> Result<()> {
+    pub async fn set_env(
+        &self,
+        app_id: i64,
+        vars: &BTreeMap<String, String>,
+        secret: bool,
+    ) -> Result<()> {
         if secret && self.secret_key.is_none() {
             return Err(StoreError::NoSecretKey);
         }
@@ -672,7 +700,13 @@ impl Store {
     // -------------------------------------------------------------- events
 
     /// Records an event outside any other change.
-    pub async fn record_event(&self, app_id: i64, kind: &str, message: &str, data: serde_json::Value) -> Result<()> {
+    pub async fn record_event(
+        &self,
+        app_id: i64,
+        kind: &str,
+        message: &str,
+        data: serde_json::Value,
+    ) -> Result<()> {
         self.retry("record_event", || async {
             let mut tx = self.pool.begin().await?;
             insert_event(&mut tx, app_id, kind, message, data.clone()).await?;
@@ -700,12 +734,22 @@ impl Store {
 
     /// Appends instance log lines shipped by a host; lines of apps that do not
     /// exist (any more) are dropped. Keeps at most [`INSTANCE_LOG_CAP`] lines per app.
-    pub async fn append_instance_logs(&self, host_name: &str, lines: &[InstanceLogLine]) -> Result<u64> {
-        self.append_instance_logs_capped(host_name, lines, INSTANCE_LOG_CAP).await
+    pub async fn append_instance_logs(
+        &self,
+        host_name: &str,
+        lines: &[InstanceLogLine],
+    ) -> Result<u64> {
+        self.append_instance_logs_capped(host_name, lines, INSTANCE_LOG_CAP)
+            .await
     }
 
     /// As [`Store::append_instance_logs`] with an explicit cap (tests use a small one).
-    pub async fn append_instance_logs_capped(&self, host_name: &str, lines: &[InstanceLogLine], cap: i64) -> Result<u64> {
+    pub async fn append_instance_logs_capped(
+        &self,
+        host_name: &str,
+        lines: &[InstanceLogLine],
+        cap: i64,
+    ) -> Result<u64> {
         let mut by_app: BTreeMap<&str, Vec<&InstanceLogLine>> = BTreeMap::new();
         for l in lines {
             by_app.entry(l.app.as_str()).or_default().push(l);
@@ -713,20 +757,30 @@ impl Store {
         let mut stored = 0u64;
         for (app, lines) in by_app {
             stored += self
-                .retry("append_instance_logs", || self.append_app_logs(host_name, app, &lines, cap))
+                .retry("append_instance_logs", || {
+                    self.append_app_logs(host_name, app, &lines, cap)
+                })
                 .await?;
         }
         Ok(stored)
     }
 
-    async fn append_app_logs(&self, host: &str, app: &str, lines: &[&InstanceLogLine], cap: i64) -> Result<u64> {
+    async fn append_app_logs(
+        &self,
+        host: &str,
+        app: &str,
+        lines: &[&InstanceLogLine],
+        cap: i64,
+    ) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
         let n = lines.len() as i64;
-        let Some(row) = sqlx::query("UPDATE apps SET log_seq = log_seq + $1 WHERE name = $2 RETURNING id, log_seq")
-            .bind(n)
-            .bind(app)
-            .fetch_optional(&mut *tx)
-            .await?
+        let Some(row) = sqlx::query(
+            "UPDATE apps SET log_seq = log_seq + $1 WHERE name = $2 RETURNING id, log_seq",
+        )
+        .bind(n)
+        .bind(app)
+        .fetch_optional(&mut *tx)
+        .await?
         else {
             tx.rollback().await?;
             return Ok(0);
@@ -760,7 +814,12 @@ impl Store {
     }
 
     /// Instance log lines after `after`, oldest first.
-    pub async fn instance_logs_after(&self, app_id: i64, after: i64, limit: i64) -> Result<Vec<LogLine>> {
+    pub async fn instance_logs_after(
+        &self,
+        app_id: i64,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<LogLine>> {
         let rows = sqlx::query(
             "SELECT l.seq AS seq, l.ts AS ts, a.name AS app, l.version AS version, l.instance AS instance, \
              l.host AS host, l.stream AS stream, l.line AS line FROM instance_logs l JOIN apps a ON a.id = l.app_id \

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use stead_api::{AppConfig, NewLogLine};
 
-use crate::{get_i64, get_opt_str, get_str, insert_event, now_ms, to_u32, Result, Store, StoreError};
+use crate::{
+    get_i64, get_opt_str, get_str, insert_event, now_ms, to_u32, Result, Store, StoreError,
+};
 
 /// A task this host now holds the lease of.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,7 +27,9 @@ pub struct ClaimedTask {
 #[derive(Debug, Clone, PartialEq)]
 pub enum CompleteOutcome {
     /// The version is ready; `activated` when it became the active one.
-    Succeeded { activated: bool },
+    Succeeded {
+        activated: bool,
+    },
     Failed,
     /// The task was already completed by this session: nothing changed.
     AlreadyDone,
@@ -42,7 +46,12 @@ impl Store {
     /// Selecting a candidate and taking it are two statements; the conditional
     /// UPDATE re-checks claimability, so when another host won the race it
     /// affects no row and we try the next candidate.
-    pub async fn claim_build(&self, host_id: &str, session: &str, lease: Duration) -> Result<Option<ClaimedTask>> {
+    pub async fn claim_build(
+        &self,
+        host_id: &str,
+        session: &str,
+        lease: Duration,
+    ) -> Result<Option<ClaimedTask>> {
         for _ in 0..5 {
             let now = now_ms();
             let expires = now + lease.as_millis() as i64;
@@ -55,7 +64,9 @@ impl Store {
             .bind(session)
             .fetch_optional(&self.pool)
             .await?;
-            let Some(candidate) = candidate else { return Ok(None) };
+            let Some(candidate) = candidate else {
+                return Ok(None);
+            };
             let id = get_i64(&candidate, "id")?;
             let taken = self
                 .retry("claim_build", || async {
@@ -104,10 +115,11 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("build {id} does not exist (its app may have been deleted)")))?;
-        let config: AppConfig = serde_json::from_str(&get_str(&row, "config")?).map_err(|e| StoreError::Corrupt {
-            table: "versions",
-            message: e.to_string(),
-        })?;
+        let config: AppConfig =
+            serde_json::from_str(&get_str(&row, "config")?).map_err(|e| StoreError::Corrupt {
+                table: "versions",
+                message: e.to_string(),
+            })?;
         Ok(ClaimedTask {
             id,
             app_id: get_i64(&row, "app_id")?,
@@ -122,7 +134,13 @@ impl Store {
 
     /// Extends a lease still held by this session; returns the new expiry.
     /// A lease taken over by someone else is a conflict: the caller must stop.
-    pub async fn renew_build(&self, id: i64, host_id: &str, session: &str, lease: Duration) -> Result<i64> {
+    pub async fn renew_build(
+        &self,
+        id: i64,
+        host_id: &str,
+        session: &str,
+        lease: Duration,
+    ) -> Result<i64> {
         let expires = now_ms() + lease.as_millis() as i64;
         let r = self
             .retry("renew_build", || async {
@@ -162,7 +180,13 @@ impl Store {
     }
 
     /// Appends build output; only the lease holder may write.
-    pub async fn append_build_log(&self, id: i64, host_id: &str, session: &str, lines: &[NewLogLine]) -> Result<()> {
+    pub async fn append_build_log(
+        &self,
+        id: i64,
+        host_id: &str,
+        session: &str,
+        lines: &[NewLogLine],
+    ) -> Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
@@ -215,8 +239,10 @@ impl Store {
         session: &str,
         result: std::result::Result<&str, &str>,
     ) -> Result<CompleteOutcome> {
-        self.retry("complete_build", || self.complete_once(id, host_id, session, result))
-            .await
+        self.retry("complete_build", || {
+            self.complete_once(id, host_id, session, result)
+        })
+        .await
     }
 
     async fn complete_once(
@@ -236,7 +262,11 @@ impl Store {
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?
-        .ok_or_else(|| StoreError::NotFound(format!("build {id} does not exist (its app may have been deleted)")))?;
+        .ok_or_else(|| {
+            StoreError::NotFound(format!(
+                "build {id} does not exist (its app may have been deleted)"
+            ))
+        })?;
         let state = get_str(&row, "state")?;
         let same_session = get_opt_str(&row, "lease_host")?.as_deref() == Some(host_id)
             && get_opt_str(&row, "lease_session")?.as_deref() == Some(session);

@@ -8,7 +8,12 @@ use rand::RngCore;
 
 use crate::{Result, StoreError};
 
-pub(crate) fn encrypt(key: &[u8; 32], app_id: i64, name: &str, plaintext: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+pub(crate) fn encrypt(
+    key: &[u8; 32],
+    app_id: i64,
+    name: &str,
+    plaintext: &str,
+) -> Result<(Vec<u8>, Vec<u8>)> {
     let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
     let mut nonce = [0u8; 12];
     rand::thread_rng().fill_bytes(&mut nonce);
@@ -21,13 +26,23 @@ pub(crate) fn encrypt(key: &[u8; 32], app_id: i64, name: &str, plaintext: &str) 
                 aad: aad.as_bytes(),
             },
         )
-        .map_err(|_| StoreError::Decrypt { key: name.to_string() })?;
+        .map_err(|_| StoreError::Decrypt {
+            key: name.to_string(),
+        })?;
     Ok((ct, nonce.to_vec()))
 }
 
-pub(crate) fn decrypt(key: &[u8; 32], app_id: i64, name: &str, ciphertext: &[u8], nonce: &[u8]) -> Result<String> {
+pub(crate) fn decrypt(
+    key: &[u8; 32],
+    app_id: i64,
+    name: &str,
+    ciphertext: &[u8],
+    nonce: &[u8],
+) -> Result<String> {
     if nonce.len() != 12 {
-        return Err(StoreError::Decrypt { key: name.to_string() });
+        return Err(StoreError::Decrypt {
+            key: name.to_string(),
+        });
     }
     let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
     let aad = format!("{app_id}:{name}");
@@ -39,8 +54,12 @@ pub(crate) fn decrypt(key: &[u8; 32], app_id: i64, name: &str, ciphertext: &[u8]
                 aad: aad.as_bytes(),
             },
         )
-        .map_err(|_| StoreError::Decrypt { key: name.to_string() })?;
-    String::from_utf8(pt).map_err(|_| StoreError::Decrypt { key: name.to_string() })
+        .map_err(|_| StoreError::Decrypt {
+            key: name.to_string(),
+        })?;
+    String::from_utf8(pt).map_err(|_| StoreError::Decrypt {
+        key: name.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use rand::RngCore;
 use stead_api::{
-    AppConfig, AppRoute, HostCapacity, HostInfo, InstanceInfo, InstanceState, ObservedInstance, RegisterRequest,
-    RegisterResponse, RouteEndpoint, RouteTable,
+    AppConfig, AppRoute, HostCapacity, HostInfo, InstanceInfo, InstanceState, ObservedInstance,
+    RegisterRequest, RegisterResponse, RouteEndpoint, RouteTable,
 };
 
 use crate::{
-    get_i64, get_opt_i64, get_opt_str, get_str, insert_event, now_ms, to_u32, Result, Store, StoreError,
+    get_i64, get_opt_i64, get_opt_str, get_str, insert_event, now_ms, to_u32, Result, Store,
+    StoreError,
 };
 
 /// A registered host.
@@ -51,7 +52,8 @@ impl Store {
     /// Registers a host: the same name keeps its id; every registration
     /// starts a new session, which releases the build leases of the old one.
     pub async fn register_host(&self, req: &RegisterRequest) -> Result<RegisterResponse> {
-        let backends = serde_json::to_string(&req.backends).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let backends =
+            serde_json::to_string(&req.backends).map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.retry("register_host", || async {
             let now = now_ms();
             let session = random_id("s-");
@@ -102,20 +104,38 @@ impl Store {
     /// Stores what a host observes, in one transaction: its instance rows are
     /// replaced by the reported ones, transitions to `ready` and `exited`
     /// become events, and the heartbeat time is updated.
-    pub async fn heartbeat(&self, host_id: &str, session: &str, instances: &[ObservedInstance]) -> Result<HostRecord> {
-        self.retry("heartbeat", || self.heartbeat_once(host_id, session, instances))
-            .await
+    pub async fn heartbeat(
+        &self,
+        host_id: &str,
+        session: &str,
+        instances: &[ObservedInstance],
+    ) -> Result<HostRecord> {
+        self.retry("heartbeat", || {
+            self.heartbeat_once(host_id, session, instances)
+        })
+        .await
     }
 
-    async fn heartbeat_once(&self, host_id: &str, session: &str, instances: &[ObservedInstance]) -> Result<HostRecord> {
+    async fn heartbeat_once(
+        &self,
+        host_id: &str,
+        session: &str,
+        instances: &[ObservedInstance],
+    ) -> Result<HostRecord> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let host = sqlx::query("UPDATE hosts SET last_heartbeat = $1 WHERE id = $2 RETURNING name, session")
-            .bind(now)
-            .bind(host_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("host {host_id} is not registered; register it again")))?;
+        let host = sqlx::query(
+            "UPDATE hosts SET last_heartbeat = $1 WHERE id = $2 RETURNING name, session",
+        )
+        .bind(now)
+        .bind(host_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| {
+            StoreError::NotFound(format!(
+                "host {host_id} is not registered; register it again"
+            ))
+        })?;
         let name = get_str(&host, "name")?;
         if get_str(&host, "session")? != session {
             return Err(StoreError::Conflict(format!(
@@ -171,7 +191,10 @@ impl Store {
                     &mut tx,
                     app_id,
                     "instance_ready",
-                    &format!("instance {} of version {} is ready on host {name}", inst.id, inst.version),
+                    &format!(
+                        "instance {} of version {} is ready on host {name}",
+                        inst.id, inst.version
+                    ),
                     serde_json::json!({"instance": inst.id, "version": inst.version, "host": name,
                         "endpoint": inst.endpoint}),
                 )
@@ -266,9 +289,11 @@ impl Store {
                     min: to_u32(get_i64(r, "min_instances")?),
                     max: to_u32(get_i64(r, "max_instances")?),
                     artifact_hash: get_opt_str(r, "artifact_hash")?.unwrap_or_default(),
-                    config: serde_json::from_str(&get_str(r, "config")?).map_err(|e| StoreError::Corrupt {
-                        table: "versions",
-                        message: e.to_string(),
+                    config: serde_json::from_str(&get_str(r, "config")?).map_err(|e| {
+                        StoreError::Corrupt {
+                            table: "versions",
+                            message: e.to_string(),
+                        }
                     })?,
                 })
             })
@@ -321,10 +346,13 @@ impl Store {
         let mut by_app: BTreeMap<i64, Vec<RouteEndpoint>> = BTreeMap::new();
         for r in &eps {
             if let Some(addr) = get_opt_str(r, "endpoint")? {
-                by_app.entry(get_i64(r, "app_id")?).or_default().push(RouteEndpoint {
-                    instance: get_str(r, "id")?,
-                    addr,
-                });
+                by_app
+                    .entry(get_i64(r, "app_id")?)
+                    .or_default()
+                    .push(RouteEndpoint {
+                        instance: get_str(r, "id")?,
+                        addr,
+                    });
             }
         }
         let mut out = RouteTable::default();

@@ -43,13 +43,17 @@ pub enum StoreError {
         waited_s: u64,
         message: String,
     },
-    #[error("unsupported database URL {0:?}: use sqlite:///path/to/file.db or postgres://user@host/db")]
+    #[error(
+        "unsupported database URL {0:?}: use sqlite:///path/to/file.db or postgres://user@host/db"
+    )]
     BadUrl(String),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error("migration {version} failed: {message}")]
     Migration { version: i64, message: String },
-    #[error("the app name {0:?} is taken by another organisation; choose another name in stead.toml")]
+    #[error(
+        "the app name {0:?} is taken by another organisation; choose another name in stead.toml"
+    )]
     NameTaken(String),
     #[error("{0}")]
     NotFound(String),
@@ -62,7 +66,10 @@ pub enum StoreError {
     #[error("could not decrypt secret {key:?}: the secret key is not the one it was written with")]
     Decrypt { key: String },
     #[error("corrupt row in {table}: {message}")]
-    Corrupt { table: &'static str, message: String },
+    Corrupt {
+        table: &'static str,
+        message: String,
+    },
 }
 
 impl StoreError {
@@ -143,8 +150,14 @@ impl Store {
         // Probe with a single connection first so each attempt is bounded by
         // the time left (a pool would wait out its whole acquire timeout).
         loop {
-            let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
-            let attempt = tokio::time::timeout(left, <sqlx::AnyConnection as sqlx::Connection>::connect(&url)).await;
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(100));
+            let attempt = tokio::time::timeout(
+                left,
+                <sqlx::AnyConnection as sqlx::Connection>::connect(&url),
+            )
+            .await;
             let error = match attempt {
                 Ok(Ok(conn)) => {
                     let _ = sqlx::Connection::close(conn).await;
@@ -165,11 +178,14 @@ impl Store {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
-        let pool = options.connect(&url).await.map_err(|e| StoreError::Unavailable {
-            database: database.clone(),
-            waited_s: started.elapsed().as_secs(),
-            message: e.to_string(),
-        })?;
+        let pool = options
+            .connect(&url)
+            .await
+            .map_err(|e| StoreError::Unavailable {
+                database: database.clone(),
+                waited_s: started.elapsed().as_secs(),
+                message: e.to_string(),
+            })?;
         let store = Store {
             pool,
             backend,
@@ -221,7 +237,8 @@ impl Store {
                     attempt += 1;
                     tracing::debug!(what, attempt, error = %e, "retrying transaction");
                     let jitter = u64::from(rand::random::<u8>() % 20);
-                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt) + jitter)).await;
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt) + jitter))
+                        .await;
                 }
                 other => return other,
             }
@@ -323,20 +340,23 @@ async fn insert_event(
     message: &str,
     data: serde_json::Value,
 ) -> Result<()> {
-    let row = sqlx::query("UPDATE apps SET event_seq = event_seq + 1 WHERE id = $1 RETURNING event_seq")
-        .bind(app_id)
-        .fetch_one(&mut *conn)
-        .await?;
+    let row =
+        sqlx::query("UPDATE apps SET event_seq = event_seq + 1 WHERE id = $1 RETURNING event_seq")
+            .bind(app_id)
+            .fetch_one(&mut *conn)
+            .await?;
     let seq = get_i64(&row, "event_seq")?;
-    sqlx::query("INSERT INTO events (app_id, seq, ts, kind, message, data) VALUES ($1, $2, $3, $4, $5, $6)")
-        .bind(app_id)
-        .bind(seq)
-        .bind(now_ms())
-        .bind(kind)
-        .bind(message)
-        .bind(data.to_string())
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO events (app_id, seq, ts, kind, message, data) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(app_id)
+    .bind(seq)
+    .bind(now_ms())
+    .bind(kind)
+    .bind(message)
+    .bind(data.to_string())
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -352,12 +372,18 @@ mod tests {
         let (_, u) = normalise_url("sqlite://rel.db").unwrap();
         assert_eq!(u, "sqlite://rel.db?mode=rwc");
         assert!(normalise_url("mysql://x").is_err());
-        assert_eq!(normalise_url("postgres://u:p@h/db").unwrap().0, Backend::Postgres);
+        assert_eq!(
+            normalise_url("postgres://u:p@h/db").unwrap().0,
+            Backend::Postgres
+        );
     }
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact_url("postgres://u:secret@h:5432/db?x=1"), "postgres://u@h:5432/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db?x=1"),
+            "postgres://u@h:5432/db"
+        );
         assert_eq!(redact_url("sqlite:///a/b.db?mode=rwc"), "sqlite:///a/b.db");
     }
 }

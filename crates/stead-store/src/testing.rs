@@ -54,15 +54,19 @@ impl Drop for PgGuard {
         // Drop runs outside any async context we could use; a short-lived
         // thread with its own runtime does the cleanup.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {
                 use sqlx::Connection;
                 if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
-                    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-                        .execute(&mut c)
-                        .await;
+                    let _ =
+                        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                            .execute(&mut c)
+                            .await;
                 }
             });
         })
@@ -82,10 +86,11 @@ pub async fn postgres_store() -> (Store, PgGuard) {
 /// Creates a fresh, empty PostgreSQL database and returns its guard (for
 /// tests that start a server on a URL rather than a `Store`).
 pub async fn postgres_database() -> PgGuard {
-    let (admin_url, external) = match std::env::var("STEAD_TEST_DATABASE_URL").or_else(|_| std::env::var("DATABASE_URL")) {
-        Ok(url) if url.starts_with("postgres") => (url, true),
-        _ => (cluster().admin_url.clone(), false),
-    };
+    let (admin_url, external) =
+        match std::env::var("STEAD_TEST_DATABASE_URL").or_else(|_| std::env::var("DATABASE_URL")) {
+            Ok(url) if url.starts_with("postgres") => (url, true),
+            _ => (cluster().admin_url.clone(), false),
+        };
     let mut b = [0u8; 8];
     rand::thread_rng().fill_bytes(&mut b);
     let database = format!("stead_test_{}", hex::encode(b));
@@ -95,7 +100,10 @@ pub async fn postgres_database() -> PgGuard {
             Ok(c) => c,
             Err(e) => panic!("cannot connect to the test PostgreSQL server at {admin_url}: {e}"),
         };
-        if let Err(e) = sqlx::raw_sql(&format!("CREATE DATABASE \"{database}\"")).execute(&mut conn).await {
+        if let Err(e) = sqlx::raw_sql(&format!("CREATE DATABASE \"{database}\""))
+            .execute(&mut conn)
+            .await
+        {
             panic!("cannot create test database {database}: {e}");
         }
         let _ = conn.close().await;
@@ -144,7 +152,10 @@ fn cluster() -> &'static Cluster {
 
 fn find_pg_bin(name: &str) -> Option<PathBuf> {
     if let Ok(dirs) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<PathBuf> = dirs.flatten().map(|d| d.path().join("bin").join(name)).collect();
+        let mut versions: Vec<PathBuf> = dirs
+            .flatten()
+            .map(|d| d.path().join("bin").join(name))
+            .collect();
         versions.sort();
         if let Some(p) = versions.into_iter().rev().find(|p| p.exists()) {
             return Some(p);
@@ -182,7 +193,9 @@ fn pg_command(bin: &Path, root: bool) -> Command {
 }
 
 fn run(mut cmd: Command, what: &str) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("cannot run {what}: {e}"))?;
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -196,8 +209,10 @@ fn run(mut cmd: Command, what: &str) -> Result<(), String> {
 }
 
 fn start_cluster() -> Result<Cluster, String> {
-    let initdb = find_pg_bin("initdb").ok_or("initdb not found in /usr/lib/postgresql/*/bin or PATH")?;
-    let pg_ctl = find_pg_bin("pg_ctl").ok_or("pg_ctl not found in /usr/lib/postgresql/*/bin or PATH")?;
+    let initdb =
+        find_pg_bin("initdb").ok_or("initdb not found in /usr/lib/postgresql/*/bin or PATH")?;
+    let pg_ctl =
+        find_pg_bin("pg_ctl").ok_or("pg_ctl not found in /usr/lib/postgresql/*/bin or PATH")?;
     let root = is_root();
     // Kept, not deleted on drop: the watchdog below removes it once this
     // process has ended and the server is stopped.
@@ -218,7 +233,9 @@ fn start_cluster() -> Result<Cluster, String> {
         )?;
     }
     let mut c = pg_command(&initdb, root);
-    c.args(["-D"]).arg(&data).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+    c.args(["-D"])
+        .arg(&data)
+        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
     run(c, "initdb")?;
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -270,8 +287,14 @@ mod tests {
 
     #[test]
     fn database_names_are_replaced() {
-        assert_eq!(with_database("postgres://u@h:5/postgres", "x"), "postgres://u@h:5/x");
+        assert_eq!(
+            with_database("postgres://u@h:5/postgres", "x"),
+            "postgres://u@h:5/x"
+        );
         assert_eq!(with_database("postgres://u@h:5", "x"), "postgres://u@h:5/x");
-        assert_eq!(with_database("postgres://u@h/db?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
+        assert_eq!(
+            with_database("postgres://u@h/db?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
     }
 }

@@ -37,7 +37,11 @@ fn base64url(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(bytes.len() * 4 / 3 + 2);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         let chars = chunk.len() + 1;
         for i in 0..chars {
@@ -50,9 +54,12 @@ fn base64url(bytes: &[u8]) -> String {
 /// Whether a string has the shape of a Stead token, so malformed credentials
 /// can be told apart from unknown ones without a database lookup.
 pub fn looks_like_token(token: &str) -> bool {
-    token
-        .strip_prefix(TOKEN_PREFIX)
-        .is_some_and(|rest| (20..=128).contains(&rest.len()) && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+    token.strip_prefix(TOKEN_PREFIX).is_some_and(|rest| {
+        (20..=128).contains(&rest.len())
+            && rest
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
 }
 
 impl Store {
@@ -60,7 +67,9 @@ impl Store {
     /// token for them; the plaintext is returned only here, once.
     pub async fn create_user_token(&self, org: &str, user: &str) -> Result<String> {
         if org.trim().is_empty() || user.trim().is_empty() {
-            return Err(StoreError::Invalid("organisation and user names must not be empty".into()));
+            return Err(StoreError::Invalid(
+                "organisation and user names must not be empty".into(),
+            ));
         }
         self.retry("create_user_token", || async {
             let token = new_token();
