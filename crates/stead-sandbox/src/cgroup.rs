@@ -383,12 +383,15 @@ impl CgroupLayout {
         pids_max: u64,
     ) -> Result<CgroupPaths, SandboxError> {
         let paths = self.paths_for(id);
+        let mut created = Vec::new();
         let result = paths
-            .create_dirs(id)
+            .create_dirs(id, &mut created)
             .and_then(|()| paths.set_limits(id, memory_bytes, pids_max));
         if let Err(e) = result {
-            if !paths.try_remove() {
-                tracing::warn!(sandbox = id, "could not remove a half-created cgroup");
+            for dir in created {
+                if let Err(re) = fs::remove_dir(dir) {
+                    tracing::warn!(sandbox = id, dir = %dir.display(), error = %re, "removing a half-created cgroup");
+                }
             }
             return Err(e);
         }
@@ -420,7 +423,13 @@ impl CgroupPaths {
         }
     }
 
-    fn create_dirs(&self, id: &str) -> Result<(), SandboxError> {
+    /// Creates the dirs, pushing each one made onto `created`. Fails without
+    /// touching anything if a dir exists and has processes.
+    fn create_dirs<'a>(
+        &'a self,
+        id: &str,
+        created: &mut Vec<&'a Path>,
+    ) -> Result<(), SandboxError> {
         for dir in self.dirs() {
             if dir.exists() {
                 let pids = read_pids(dir).map_err(self.cg_err(id, "reading processes of", dir))?;
@@ -430,10 +439,15 @@ impl CgroupPaths {
                         path: dir.to_owned(),
                     });
                 }
+            }
+        }
+        for dir in self.dirs() {
+            if dir.exists() {
                 tracing::debug!(sandbox = id, dir = %dir.display(), "removing a stale cgroup");
                 remove_dir_retrying(dir, 20).map_err(self.cg_err(id, "removing stale", dir))?;
             }
             fs::create_dir(dir).map_err(self.cg_err(id, "creating", dir))?;
+            created.push(dir);
         }
         Ok(())
     }

@@ -588,6 +588,37 @@ async fn wait_from_several_tasks() {
     // And again, after the fact.
     assert_eq!(bounded("wait", p.wait()).await.code, Some(4));
     assert_eq!(p.exit_info().unwrap().code, Some(4));
+    // Signalling or stopping a finished sandbox is harmless.
+    p.terminate().unwrap();
+    p.kill().unwrap();
+    assert_eq!(
+        bounded("stop", p.stop(Duration::from_secs(1))).await.code,
+        Some(4)
+    );
+}
+
+#[tokio::test]
+async fn an_id_cannot_run_twice() {
+    let sb = sandbox();
+    let first = sb
+        .spawn(SandboxSpec::new(id("twice"), "/", "sleep 1000"))
+        .await
+        .unwrap();
+    let err = sb
+        .spawn(SandboxSpec::new(id("twice"), "/", "sleep 1000"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SandboxError::CgroupBusy { .. }), "{err}");
+    // The failed attempt did not disturb the first one.
+    assert!(first.exit_info().is_none());
+    assert!(process_exists(first.pid() as i32));
+    bounded("stop", first.stop(Duration::from_secs(5))).await;
+    // Once it is gone, the id can be reused.
+    let again = sb
+        .spawn(SandboxSpec::new(id("twice"), "/", "exit 0"))
+        .await
+        .unwrap();
+    assert_eq!(bounded("wait", again.wait()).await.code, Some(0));
 }
 
 #[tokio::test]
