@@ -203,19 +203,21 @@ pub(crate) async fn renew(
 #[utoipa::path(post, path = "/v1/agent/builds/{id}/log", tag = "agent", security(("bearer" = [])),
     params(("id" = i64, Path, description = "Build id")),
     request_body = BuildLogAppend,
-    responses((status = 204, description = "Appended"), (status = 409, body = ErrorBody)))]
+    responses((status = 200, description = "Appended: `{\"accepted\": <lines>}`", body = Object),
+              (status = 409, body = ErrorBody)))]
 pub(crate) async fn append_log(
     State(state): State<AppState>,
     _auth: HostAuth,
     ApiPath(id): ApiPath<i64>,
     ApiJson(req): ApiJson<BuildLogAppend>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     state
         .store
         .append_build_log(id, &req.host_id, &req.session, &req.lines)
         .await?;
     state.changed();
-    Ok(StatusCode::NO_CONTENT)
+    // A JSON body (not 204) so clients that always decode one work.
+    Ok(Json(serde_json::json!({"accepted": req.lines.len()})))
 }
 
 #[utoipa::path(post, path = "/v1/agent/builds/{id}/complete", tag = "agent", security(("bearer" = [])),
@@ -350,24 +352,25 @@ pub(crate) async fn put_blob(
 
 #[utoipa::path(post, path = "/v1/agent/logs", tag = "agent", security(("bearer" = [])),
     request_body = InstanceLogBatch,
-    responses((status = 204, description = "Stored; lines of unknown apps are dropped"), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "Stored: `{\"accepted\": <lines>}`; lines of unknown apps are dropped", body = Object),
+              (status = 404, body = ErrorBody)))]
 pub(crate) async fn instance_logs(
     State(state): State<AppState>,
     _auth: HostAuth,
     ApiJson(req): ApiJson<InstanceLogBatch>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let host = state.store.get_host(&req.host_id).await?.ok_or_else(|| {
         ApiError::not_found(format!(
             "host {} is not registered; register it again",
             req.host_id
         ))
     })?;
-    state
+    let accepted = state
         .store
         .append_instance_logs(&host.name, &req.lines)
         .await?;
     state.changed();
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(serde_json::json!({"accepted": accepted})))
 }
 
 #[utoipa::path(get, path = "/v1/routes", tag = "agent", security(("bearer" = [])),

@@ -384,7 +384,7 @@ async fn build_succeeds(
         "lines": [{"ts_ms": 1, "stream": "stdout", "line": "compiling"}, {"ts_ms": 2, "stream": "stderr", "line": "done"}]
     })))
     .await;
-    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(st, StatusCode::OK);
     let artifact = format!("artifact of {app} v{version}").into_bytes();
     let hash = sha256_hex(&artifact);
     let body = json!({"host_id": host_id, "session": session, "artifact_hash": hash});
@@ -536,7 +536,7 @@ async fn build_flow(s: TestServer) {
         {"app": "flow", "version": 1, "instance": "i-1", "ts_ms": 6, "stream": "stderr", "line": "warn"}
     ]})))
     .await;
-    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(st, StatusCode::OK);
     let (_, logs) = send(s.user(Method::GET, "/v1/apps/flow/logs?limit=1")).await;
     assert_eq!(logs.as_array().unwrap().len(), 1);
     assert_eq!(logs[0]["line"], "warn");
