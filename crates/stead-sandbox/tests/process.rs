@@ -747,3 +747,105 @@ fn adopt_outside_a_runtime_is_an_error() {
     let err = sb.adopt(&persisted).unwrap_err();
     assert!(matches!(err, SandboxError::NoRuntime { .. }), "{err}");
 }
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<ProcessSandbox>();
+    check::<SandboxProcess>();
+    check::<SandboxError>();
+}
+
+/// Env var that turns `fake_agent` from a no-op into an agent that starts
+/// a sandbox, prints its `Persisted` and waits to be SIGKILLed.
+const FAKE_AGENT: &str = "STEAD_SANDBOX_TEST_FAKE_AGENT";
+
+#[tokio::test]
+async fn fake_agent() {
+    let Ok(dir) = std::env::var(FAKE_AGENT) else {
+        return;
+    };
+    let sb = sandbox();
+    let p = sb
+        .spawn(SandboxSpec {
+            stdout: Output::File(Path::new(&dir).join("ticks.log")),
+            ..SandboxSpec::new(
+                id("restart"),
+                "/",
+                "while true; do echo tick; sleep 0.05; done",
+            )
+        })
+        .await
+        .unwrap();
+    println!(
+        "PERSISTED {}",
+        serde_json::to_string(&p.persisted()).unwrap()
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
+}
+
+/// Kills what is left in a cgroup if a test fails half-way.
+struct KillCgroupOnDrop(PathBuf);
+
+impl Drop for KillCgroupOnDrop {
+    fn drop(&mut self) {
+        let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: kill(2) of a process in the test's own sandbox cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The real thing: the agent that started a sandbox is SIGKILLed; the
+/// sandbox keeps running and logging to its file, and the next agent
+/// adopts it and stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_survives_its_agent_being_killed() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["fake_agent", "--exact", "--nocapture", "--test-threads=1"])
+        .env(FAKE_AGENT, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
+    let persisted: stead_sandbox::Persisted = bounded("fake agent", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            // The harness prints "test fake_agent ... " before it.
+            if let Some((_, json)) = line.split_once("PERSISTED ") {
+                return serde_json::from_str(json).unwrap();
+            }
+        }
+        panic!("the fake agent exited without starting its sandbox");
+    })
+    .await;
+    let _cleanup = KillCgroupOnDrop(persisted.cgroup.memory.clone());
+    agent.start_kill().unwrap();
+    bounded("fake agent to die", agent.wait()).await.unwrap();
+
+    let log = dir.path().join("ticks.log");
+    let size = || std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let before = size();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        size() > before,
+        "the sandbox stopped logging when its agent died"
+    );
+
+    let sb = sandbox();
+    let p = sb
+        .adopt(&persisted)
+        .unwrap()
+        .expect("the sandbox outlived its agent");
+    let exit = bounded("stop", p.stop(Duration::from_secs(5))).await;
+    assert_eq!((exit.code, exit.signal), (None, None), "{exit:?}");
+    assert_cgroup_gone(&p);
+    assert!(sb.adopt(&persisted).unwrap().is_none());
+    let after = size();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(size(), after, "still logging after stop");
+}
