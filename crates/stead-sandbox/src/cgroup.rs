@@ -304,7 +304,7 @@ impl CgroupLayout {
                     Err(e) => return Err(setup_err("creating", d)(e)),
                 }
             }
-            Self::delegate_v2(d, i == 0, *d == own_dir)?;
+            Self::delegate_v2(d, *d == own_dir)?;
         }
         tracing::info!(parent = %parent.display(), "using cgroup v2");
         Ok(CgroupLayout {
@@ -315,7 +315,7 @@ impl CgroupLayout {
     }
 
     /// Makes `dir` delegate the memory and pids controllers to its children.
-    fn delegate_v2(dir: &Path, is_root: bool, is_own: bool) -> Result<(), SandboxError> {
+    fn delegate_v2(dir: &Path, is_own: bool) -> Result<(), SandboxError> {
         let control = dir.join("cgroup.subtree_control");
         for controller in ["memory", "pids"] {
             let current = fs::read_to_string(&control).map_err(setup_err("reading", &control))?;
@@ -325,9 +325,11 @@ impl CgroupLayout {
             match write_control(&control, &format!("+{controller}")) {
                 Ok(()) => {}
                 // "No internal processes": a non-root cgroup that has processes
-                // cannot delegate. If that is the agent's own cgroup, move its
-                // processes to a leaf (what systemd's delegation docs prescribe).
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && is_own && !is_root => {
+                // cannot delegate (nor can the root of a container's cgroup
+                // namespace, which is no real root). If that is the agent's own
+                // cgroup, move its processes to a leaf (what systemd's
+                // delegation docs prescribe).
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && is_own => {
                     Self::move_processes_to_leaf(dir)?;
                     write_control(&control, &format!("+{controller}"))
                         .map_err(setup_err("enabling controllers in", &control))?;
