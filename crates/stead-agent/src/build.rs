@@ -10,7 +10,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stead_api::{BuildComplete, BuildLogAppend, BuildTask, ClaimRequest, ClaimResponse, LeaseRequest, LogStream, NewLogLine};
+use stead_api::{
+    BuildComplete, BuildLogAppend, BuildTask, ClaimRequest, ClaimResponse, LeaseRequest, LogStream,
+    NewLogLine,
+};
 use stead_bundle::{Limits, PackOptions, Policy};
 use stead_sandbox::{NetworkMode, Output, SandboxSpec};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -25,7 +28,10 @@ pub enum BuildError {
     #[error("control plane: {0}")]
     Client(#[from] crate::ClientError),
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Bundle(#[from] stead_bundle::BundleError),
 }
@@ -40,19 +46,31 @@ pub(crate) fn version_dir(shared: &Shared, app: &str, version: u32) -> PathBuf {
 }
 
 fn marker(shared: &Shared, app: &str, version: u32) -> PathBuf {
-    shared.apps_dir().join(app).join(format!("v{version}.artifact"))
+    shared
+        .apps_dir()
+        .join(app)
+        .join(format!("v{version}.artifact"))
 }
 
 pub(crate) async fn build_loop(shared: Arc<Shared>) {
-    let req = ClaimRequest { host_id: shared.host_id.clone(), session: shared.session.clone() };
+    let req = ClaimRequest {
+        host_id: shared.host_id.clone(),
+        session: shared.session.clone(),
+    };
     loop {
-        match shared.client.post::<_, ClaimResponse>("/v1/agent/builds/claim", &req).await {
+        match shared
+            .client
+            .post::<_, ClaimResponse>("/v1/agent/builds/claim", &req)
+            .await
+        {
             Ok(ClaimResponse { task: Some(task) }) => {
                 run_task(&shared, task).await;
                 continue;
             }
             Ok(ClaimResponse { task: None }) => {}
-            Err(e) => tracing::debug!(host = %shared.config.name, error = %e, "claiming a build failed"),
+            Err(e) => {
+                tracing::debug!(host = %shared.config.name, error = %e, "claiming a build failed")
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -68,7 +86,10 @@ async fn run_task(shared: &Arc<Shared>, task: BuildTask) {
         let shared = shared.clone();
         let id = task.id;
         tokio::spawn(async move {
-            let req = LeaseRequest { host_id: shared.host_id.clone(), session: shared.session.clone() };
+            let req = LeaseRequest {
+                host_id: shared.host_id.clone(),
+                session: shared.session.clone(),
+            };
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 if let Err(e) = shared
@@ -85,7 +106,10 @@ async fn run_task(shared: &Arc<Shared>, task: BuildTask) {
     renewer.abort();
     let complete = match &result {
         Ok(hash) => {
-            let _ = log_tx.send(system_line(format!("build of {} v{} succeeded", task.app, task.version)));
+            let _ = log_tx.send(system_line(format!(
+                "build of {} v{} succeeded",
+                task.app, task.version
+            )));
             BuildComplete {
                 host_id: shared.host_id.clone(),
                 session: shared.session.clone(),
@@ -109,7 +133,10 @@ async fn run_task(shared: &Arc<Shared>, task: BuildTask) {
     for attempt in 0..120 {
         match shared
             .client
-            .post::<_, serde_json::Value>(&format!("/v1/agent/builds/{}/complete", task.id), &complete)
+            .post::<_, serde_json::Value>(
+                &format!("/v1/agent/builds/{}/complete", task.id),
+                &complete,
+            )
             .await
         {
             Ok(_) => break,
@@ -124,13 +151,21 @@ async fn run_task(shared: &Arc<Shared>, task: BuildTask) {
         }
     }
     match result {
-        Ok(_) => tracing::info!(app = %task.app, version = task.version, build = task.id, "build succeeded"),
-        Err(e) => tracing::warn!(app = %task.app, version = task.version, build = task.id, error = %e, "build failed"),
+        Ok(_) => {
+            tracing::info!(app = %task.app, version = task.version, build = task.id, "build succeeded")
+        }
+        Err(e) => {
+            tracing::warn!(app = %task.app, version = task.version, build = task.id, error = %e, "build failed")
+        }
     }
 }
 
 fn system_line(line: String) -> NewLogLine {
-    NewLogLine { ts_ms: now_ms(), stream: LogStream::System, line }
+    NewLogLine {
+        ts_ms: now_ms(),
+        stream: LogStream::System,
+        line,
+    }
 }
 
 async fn send_logs(shared: Arc<Shared>, id: i64, mut rx: mpsc::UnboundedReceiver<NewLogLine>) {
@@ -146,9 +181,17 @@ async fn send_logs(shared: Arc<Shared>, id: i64, mut rx: mpsc::UnboundedReceiver
                 _ => break,
             }
         }
-        let body = BuildLogAppend { host_id: shared.host_id.clone(), session: shared.session.clone(), lines };
+        let body = BuildLogAppend {
+            host_id: shared.host_id.clone(),
+            session: shared.session.clone(),
+            lines,
+        };
         for _ in 0..10 {
-            match shared.client.post::<_, serde_json::Value>(&path, &body).await {
+            match shared
+                .client
+                .post::<_, serde_json::Value>(&path, &body)
+                .await
+            {
                 Ok(_) => break,
                 Err(e) => {
                     tracing::debug!(build = id, error = %e, "sending build log failed; retrying");
@@ -159,7 +202,11 @@ async fn send_logs(shared: Arc<Shared>, id: i64, mut rx: mpsc::UnboundedReceiver
     }
 }
 
-async fn build(shared: &Arc<Shared>, task: &BuildTask, log: &mpsc::UnboundedSender<NewLogLine>) -> Result<String, BuildError> {
+async fn build(
+    shared: &Arc<Shared>,
+    task: &BuildTask,
+    log: &mpsc::UnboundedSender<NewLogLine>,
+) -> Result<String, BuildError> {
     let dir = version_dir(shared, &task.app, task.version);
     let _ = log.send(system_line(format!(
         "building {} v{} on host {} (attempt {})",
@@ -167,16 +214,24 @@ async fn build(shared: &Arc<Shared>, task: &BuildTask, log: &mpsc::UnboundedSend
     )));
     // A previous attempt may have left a partial folder.
     if dir.exists() {
-        tokio::fs::remove_dir_all(&dir).await.map_err(io(format!("clearing {}", dir.display())))?;
+        tokio::fs::remove_dir_all(&dir)
+            .await
+            .map_err(io(format!("clearing {}", dir.display())))?;
     }
     let _ = tokio::fs::remove_file(marker(shared, &task.app, task.version)).await;
-    let bundle = shared.tmp_dir().join(format!("bundle-{}-{}", task.id, &task.bundle_hash));
-    shared.client.download_blob(&task.bundle_hash, &bundle).await?;
+    let bundle = shared
+        .tmp_dir()
+        .join(format!("bundle-{}-{}", task.id, &task.bundle_hash));
+    shared
+        .client
+        .download_blob(&task.bundle_hash, &bundle)
+        .await?;
     let unpack_to = dir.clone();
     let bundle2 = bundle.clone();
     tokio::task::spawn_blocking(move || {
         let f = std::fs::File::open(&bundle2)?;
-        stead_bundle::unpack(f, &unpack_to, Policy::Bundle, &Limits::default()).map_err(std::io::Error::other)
+        stead_bundle::unpack(f, &unpack_to, Policy::Bundle, &Limits::default())
+            .map_err(std::io::Error::other)
     })
     .await
     .map_err(|e| BuildError::Failed(format!("unpacking the bundle panicked: {e}")))?
@@ -212,18 +267,29 @@ async fn build(shared: &Arc<Shared>, task: &BuildTask, log: &mpsc::UnboundedSend
             stderr: Output::Pipe,
             network: NetworkMode::Host,
         };
-        let mut process = shared
-            .sandbox
-            .spawn(spec)
-            .await
-            .map_err(|e| BuildError::Failed(format!("could not start the {kind} sandbox: {e}")))?;
-        let tail = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::<String>::new()));
+        let mut process =
+            shared.sandbox.spawn(spec).await.map_err(|e| {
+                BuildError::Failed(format!("could not start the {kind} sandbox: {e}"))
+            })?;
+        let tail = Arc::new(std::sync::Mutex::new(
+            std::collections::VecDeque::<String>::new(),
+        ));
         let mut readers = Vec::new();
         if let Some(out) = process.take_stdout() {
-            readers.push(tokio::spawn(pump(out, LogStream::Stdout, log.clone(), tail.clone())));
+            readers.push(tokio::spawn(pump(
+                out,
+                LogStream::Stdout,
+                log.clone(),
+                tail.clone(),
+            )));
         }
         if let Some(err) = process.take_stderr() {
-            readers.push(tokio::spawn(pump(err, LogStream::Stderr, log.clone(), tail.clone())));
+            readers.push(tokio::spawn(pump(
+                err,
+                LogStream::Stderr,
+                log.clone(),
+                tail.clone(),
+            )));
         }
         let info = process.wait().await;
         for r in readers {
@@ -231,7 +297,10 @@ async fn build(shared: &Arc<Shared>, task: &BuildTask, log: &mpsc::UnboundedSend
         }
         let _ = process.stop(Duration::from_millis(100)).await;
         if info.code != Some(0) {
-            let last: Vec<String> = tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
+            let last: Vec<String> = tail
+                .lock()
+                .map(|t| t.iter().cloned().collect())
+                .unwrap_or_default();
             let mut msg = format!("{kind} command `{command}` {}", info.description);
             if !last.is_empty() {
                 msg.push_str(":\n");
@@ -242,15 +311,27 @@ async fn build(shared: &Arc<Shared>, task: &BuildTask, log: &mpsc::UnboundedSend
     }
 
     let _ = log.send(system_line("packing the build".into()));
-    let artifact = shared.tmp_dir().join(format!("artifact-{}.tar.zst", task.id));
+    let artifact = shared
+        .tmp_dir()
+        .join(format!("artifact-{}.tar.zst", task.id));
     let (src, dst) = (dir.clone(), artifact.clone());
-    let stats = tokio::task::spawn_blocking(move || -> Result<stead_bundle::PackStats, BuildError> {
-        let f = std::fs::File::create(&dst).map_err(io(format!("creating {}", dst.display())))?;
-        let opts = PackOptions { default_excludes: false, honour_steadignore: false };
-        Ok(stead_bundle::pack_dir(&src, &opts, std::io::BufWriter::new(f), &mut |_, _| {})?)
-    })
-    .await
-    .map_err(|e| BuildError::Failed(format!("packing panicked: {e}")))??;
+    let stats =
+        tokio::task::spawn_blocking(move || -> Result<stead_bundle::PackStats, BuildError> {
+            let f =
+                std::fs::File::create(&dst).map_err(io(format!("creating {}", dst.display())))?;
+            let opts = PackOptions {
+                default_excludes: false,
+                honour_steadignore: false,
+            };
+            Ok(stead_bundle::pack_dir(
+                &src,
+                &opts,
+                std::io::BufWriter::new(f),
+                &mut |_, _| {},
+            )?)
+        })
+        .await
+        .map_err(|e| BuildError::Failed(format!("packing panicked: {e}")))??;
     let _ = log.send(system_line(format!(
         "uploading the build: {} files, {} bytes compressed",
         stats.files, stats.compressed_bytes
@@ -277,13 +358,22 @@ async fn pump(
             }
             t.push_back(line.clone());
         }
-        let _ = log.send(NewLogLine { ts_ms: now_ms(), stream, line });
+        let _ = log.send(NewLogLine {
+            ts_ms: now_ms(),
+            stream,
+            line,
+        });
     }
 }
 
 /// Makes sure version `version` of `app` is unpacked at its folder, fetching
 /// the artifact from the control plane when this host did not build it.
-pub(crate) async fn ensure_artifact(shared: &Arc<Shared>, app: &str, version: u32, hash: &str) -> Result<PathBuf, BuildError> {
+pub(crate) async fn ensure_artifact(
+    shared: &Arc<Shared>,
+    app: &str,
+    version: u32,
+    hash: &str,
+) -> Result<PathBuf, BuildError> {
     let dir = version_dir(shared, app, version);
     let mark = marker(shared, app, version);
     if let Ok(existing) = tokio::fs::read_to_string(&mark).await {
@@ -304,20 +394,27 @@ pub(crate) async fn ensure_artifact(shared: &Arc<Shared>, app: &str, version: u3
     let got = stead_bundle::sha256_file(&file).map_err(io("hashing the artifact"))?;
     if got != hash {
         let _ = tokio::fs::remove_file(&file).await;
-        return Err(BuildError::Failed(format!("artifact of {app} v{version} is corrupt: expected sha256 {hash}, got {got}")));
+        return Err(BuildError::Failed(format!(
+            "artifact of {app} v{version} is corrupt: expected sha256 {hash}, got {got}"
+        )));
     }
     if dir.exists() {
-        tokio::fs::remove_dir_all(&dir).await.map_err(io(format!("clearing {}", dir.display())))?;
+        tokio::fs::remove_dir_all(&dir)
+            .await
+            .map_err(io(format!("clearing {}", dir.display())))?;
     }
     let (f2, d2) = (file.clone(), dir.clone());
     tokio::task::spawn_blocking(move || {
         let f = std::fs::File::open(&f2)?;
-        stead_bundle::unpack(f, &d2, Policy::Artifact, &Limits::default()).map_err(std::io::Error::other)
+        stead_bundle::unpack(f, &d2, Policy::Artifact, &Limits::default())
+            .map_err(std::io::Error::other)
     })
     .await
     .map_err(|e| BuildError::Failed(format!("unpacking panicked: {e}")))?
     .map_err(io("unpacking the artifact"))?;
     let _ = tokio::fs::remove_file(&file).await;
-    tokio::fs::write(&mark, hash).await.map_err(io("recording the artifact"))?;
+    tokio::fs::write(&mark, hash)
+        .await
+        .map_err(io("recording the artifact"))?;
     Ok(dir)
 }

@@ -17,11 +17,21 @@ pub enum ClientError {
     #[error("control plane at {url} is unreachable: {source}")]
     Unreachable { url: String, source: reqwest::Error },
     #[error("control plane answered {status} to {what}: {message}")]
-    Api { what: String, status: u16, message: String },
+    Api {
+        what: String,
+        status: u16,
+        message: String,
+    },
     #[error("unexpected answer from the control plane to {what}: {source}")]
-    Decode { what: String, source: reqwest::Error },
+    Decode {
+        what: String,
+        source: reqwest::Error,
+    },
     #[error("i/o error while {what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 impl ClientError {
@@ -50,8 +60,16 @@ impl ApiClient {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .unwrap_or_default();
-        let servers = servers.into_iter().map(|s| s.trim_end_matches('/').to_string()).collect();
-        ApiClient { servers, token, http, current: AtomicUsize::new(0) }
+        let servers = servers
+            .into_iter()
+            .map(|s| s.trim_end_matches('/').to_string())
+            .collect();
+        ApiClient {
+            servers,
+            token,
+            http,
+            current: AtomicUsize::new(0),
+        }
     }
 
     async fn send(
@@ -64,7 +82,9 @@ impl ApiClient {
         let mut last_err = None;
         for i in 0..n {
             let idx = (start + i) % n;
-            let Some(base) = self.servers.get(idx) else { break };
+            let Some(base) = self.servers.get(idx) else {
+                break;
+            };
             let req = build(&self.http, base).bearer_auth(&self.token);
             match req.send().await {
                 Ok(resp) => {
@@ -79,7 +99,11 @@ impl ApiClient {
                     };
                     // A 5xx from one replica may be that replica's trouble:
                     // try the next; a 4xx is the answer.
-                    let err = ClientError::Api { what: what.to_string(), status, message };
+                    let err = ClientError::Api {
+                        what: what.to_string(),
+                        status,
+                        message,
+                    };
                     if status >= 500 {
                         last_err = Some(err);
                         continue;
@@ -87,7 +111,10 @@ impl ApiClient {
                     return Err(err);
                 }
                 Err(source) => {
-                    last_err = Some(ClientError::Unreachable { url: base.clone(), source });
+                    last_err = Some(ClientError::Unreachable {
+                        url: base.clone(),
+                        source,
+                    });
                 }
             }
         }
@@ -98,35 +125,70 @@ impl ApiClient {
         }))
     }
 
-    pub async fn post<B: Serialize, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R, ClientError> {
+    pub async fn post<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, ClientError> {
         let resp = self
-            .send(path, |c, base| c.post(format!("{base}{path}")).json(body).timeout(Duration::from_secs(30)))
+            .send(path, |c, base| {
+                c.post(format!("{base}{path}"))
+                    .json(body)
+                    .timeout(Duration::from_secs(30))
+            })
             .await?;
-        resp.json::<R>().await.map_err(|source| ClientError::Decode { what: path.to_string(), source })
+        resp.json::<R>()
+            .await
+            .map_err(|source| ClientError::Decode {
+                what: path.to_string(),
+                source,
+            })
     }
 
     pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
-        let resp = self.send(path, |c, base| c.get(format!("{base}{path}")).timeout(Duration::from_secs(30))).await?;
-        resp.json::<R>().await.map_err(|source| ClientError::Decode { what: path.to_string(), source })
+        let resp = self
+            .send(path, |c, base| {
+                c.get(format!("{base}{path}"))
+                    .timeout(Duration::from_secs(30))
+            })
+            .await?;
+        resp.json::<R>()
+            .await
+            .map_err(|source| ClientError::Decode {
+                what: path.to_string(),
+                source,
+            })
     }
 
     /// Downloads a blob into `dest` (written to a temporary name, renamed when
     /// complete), returning its size.
     pub async fn download_blob(&self, hash: &str, dest: &Path) -> Result<u64, ClientError> {
         let path = format!("/v1/blobs/{hash}");
-        let resp = self.send(&path, |c, base| c.get(format!("{base}{path}"))).await?;
+        let resp = self
+            .send(&path, |c, base| c.get(format!("{base}{path}")))
+            .await?;
         let tmp = dest.with_extension("part");
-        let io = |what: &str, source| ClientError::Io { what: format!("{what} {}", tmp.display()), source };
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| io("creating", e))?;
+        let io = |what: &str, source| ClientError::Io {
+            what: format!("{what} {}", tmp.display()),
+            source,
+        };
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| io("creating", e))?;
         let mut stream = resp.bytes_stream();
         let mut n = 0u64;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|source| ClientError::Unreachable { url: path.clone(), source })?;
+            let chunk = chunk.map_err(|source| ClientError::Unreachable {
+                url: path.clone(),
+                source,
+            })?;
             n += chunk.len() as u64;
             file.write_all(&chunk).await.map_err(|e| io("writing", e))?;
         }
         file.sync_all().await.map_err(|e| io("syncing", e))?;
-        tokio::fs::rename(&tmp, dest).await.map_err(|e| io("renaming", e))?;
+        tokio::fs::rename(&tmp, dest)
+            .await
+            .map_err(|e| io("renaming", e))?;
         Ok(n)
     }
 
@@ -135,7 +197,10 @@ impl ApiClient {
         let path = format!("/v1/blobs/{hash}");
         let bytes = tokio::fs::read(file)
             .await
-            .map_err(|source| ClientError::Io { what: format!("reading {}", file.display()), source })?;
+            .map_err(|source| ClientError::Io {
+                what: format!("reading {}", file.display()),
+                source,
+            })?;
         let bytes = bytes::Bytes::from(bytes);
         self.send(&path, |c, base| {
             c.put(format!("{base}{path}"))

@@ -43,7 +43,10 @@ pub enum Phase {
 
 impl Phase {
     fn is_live(self) -> bool {
-        matches!(self, Phase::Starting | Phase::Ready | Phase::Unhealthy { .. })
+        matches!(
+            self,
+            Phase::Starting | Phase::Ready | Phase::Unhealthy { .. }
+        )
     }
 }
 
@@ -118,11 +121,20 @@ pub struct ExitHistory {
 
 impl ExitHistory {
     pub fn record(&mut self, app: &str, version: u32, at: Millis) {
-        self.exits.entry((app.to_string(), version)).or_default().push(at);
+        self.exits
+            .entry((app.to_string(), version))
+            .or_default()
+            .push(at);
     }
 
     /// Earliest time a new instance of (app, version) may start.
-    pub fn next_start_allowed(&self, app: &str, version: u32, now: Millis, policy: &Policy) -> Millis {
+    pub fn next_start_allowed(
+        &self,
+        app: &str,
+        version: u32,
+        now: Millis,
+        policy: &Policy,
+    ) -> Millis {
         let window = policy.backoff_window.as_millis() as i64;
         let Some(list) = self.exits.get(&(app.to_string(), version)) else {
             return now;
@@ -178,14 +190,19 @@ pub fn decide(
             Phase::Starting if now - o.started_at >= policy.start_timeout.as_millis() as i64 => {
                 Some(StopReason::StartTimeout)
             }
-            Phase::Unhealthy { since } if now - since >= policy.unhealthy_timeout.as_millis() as i64 => {
+            Phase::Unhealthy { since }
+                if now - since >= policy.unhealthy_timeout.as_millis() as i64 =>
+            {
                 Some(StopReason::Hung)
             }
             _ => None,
         };
         if let Some(reason) = reason {
             if want.contains_key(&(o.app.as_str(), o.version)) {
-                actions.push(Action::Stop { id: o.id.clone(), reason });
+                actions.push(Action::Stop {
+                    id: o.id.clone(),
+                    reason,
+                });
                 replaced.push(o.id.as_str());
             }
         }
@@ -194,7 +211,10 @@ pub fn decide(
     // Versions no longer intended here.
     for o in observed {
         if o.phase.is_live() && !want.contains_key(&(o.app.as_str(), o.version)) {
-            actions.push(Action::Stop { id: o.id.clone(), reason: StopReason::NotIntended });
+            actions.push(Action::Stop {
+                id: o.id.clone(),
+                reason: StopReason::NotIntended,
+            });
         }
     }
 
@@ -209,15 +229,26 @@ pub fn decide(
         if n < *count {
             if history.next_start_allowed(app, *version, now, policy) <= now {
                 for _ in n..*count {
-                    actions.push(Action::Start { app: app.to_string(), version: *version });
+                    actions.push(Action::Start {
+                        app: app.to_string(),
+                        version: *version,
+                    });
                 }
             }
         } else if n > *count {
             // Stop the ones that are least useful: not yet ready first, then
             // the newest (the oldest have warm caches and connections).
-            live.sort_by_key(|o| (matches!(o.phase, Phase::Ready), std::cmp::Reverse(o.started_at)));
+            live.sort_by_key(|o| {
+                (
+                    matches!(o.phase, Phase::Ready),
+                    std::cmp::Reverse(o.started_at),
+                )
+            });
             for o in live.iter().take((n - count) as usize) {
-                actions.push(Action::Stop { id: o.id.clone(), reason: StopReason::ScaleDown });
+                actions.push(Action::Stop {
+                    id: o.id.clone(),
+                    reason: StopReason::ScaleDown,
+                });
             }
         }
     }
@@ -239,7 +270,13 @@ mod tests {
                     version: *version,
                     count: *count,
                     artifact_hash: "h".into(),
-                    run: RunSpec { start: "x".into(), port: None, health: None, memory_mb: 64, grace_s: 1 },
+                    run: RunSpec {
+                        start: "x".into(),
+                        port: None,
+                        health: None,
+                        memory_mb: 64,
+                        grace_s: 1,
+                    },
                     env: Default::default(),
                 })
                 .collect(),
@@ -247,29 +284,59 @@ mod tests {
     }
 
     fn inst(id: &str, app: &str, version: u32, phase: Phase, started_at: Millis) -> Observed {
-        Observed { id: id.into(), app: app.into(), version, phase, started_at }
+        Observed {
+            id: id.into(),
+            app: app.into(),
+            version,
+            phase,
+            started_at,
+        }
     }
 
     fn starts(actions: &[Action]) -> usize {
-        actions.iter().filter(|a| matches!(a, Action::Start { .. })).count()
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Start { .. }))
+            .count()
     }
 
     #[test]
     fn starts_missing_instances() {
-        let a = decide(&[], &intended(&[("web", 1, 2)]), &ExitHistory::default(), 0, &Policy::default());
+        let a = decide(
+            &[],
+            &intended(&[("web", 1, 2)]),
+            &ExitHistory::default(),
+            0,
+            &Policy::default(),
+        );
         assert_eq!(
             a,
             vec![
-                Action::Start { app: "web".into(), version: 1 },
-                Action::Start { app: "web".into(), version: 1 }
+                Action::Start {
+                    app: "web".into(),
+                    version: 1
+                },
+                Action::Start {
+                    app: "web".into(),
+                    version: 1
+                }
             ]
         );
     }
 
     #[test]
     fn steady_state_does_nothing() {
-        let obs = vec![inst("a", "web", 1, Phase::Ready, 0), inst("b", "web", 1, Phase::Starting, 5)];
-        let a = decide(&obs, &intended(&[("web", 1, 2)]), &ExitHistory::default(), 10, &Policy::default());
+        let obs = vec![
+            inst("a", "web", 1, Phase::Ready, 0),
+            inst("b", "web", 1, Phase::Starting, 5),
+        ];
+        let a = decide(
+            &obs,
+            &intended(&[("web", 1, 2)]),
+            &ExitHistory::default(),
+            10,
+            &Policy::default(),
+        );
         assert!(a.is_empty(), "{a:?}");
     }
 
@@ -307,23 +374,65 @@ mod tests {
 
     #[test]
     fn old_versions_are_stopped_when_no_longer_intended() {
-        let obs = vec![inst("old", "web", 1, Phase::Ready, 0), inst("new", "web", 2, Phase::Ready, 0)];
-        let a = decide(&obs, &intended(&[("web", 2, 1)]), &ExitHistory::default(), 10, &Policy::default());
-        assert_eq!(a, vec![Action::Stop { id: "old".into(), reason: StopReason::NotIntended }]);
+        let obs = vec![
+            inst("old", "web", 1, Phase::Ready, 0),
+            inst("new", "web", 2, Phase::Ready, 0),
+        ];
+        let a = decide(
+            &obs,
+            &intended(&[("web", 2, 1)]),
+            &ExitHistory::default(),
+            10,
+            &Policy::default(),
+        );
+        assert_eq!(
+            a,
+            vec![Action::Stop {
+                id: "old".into(),
+                reason: StopReason::NotIntended
+            }]
+        );
     }
 
     #[test]
     fn both_versions_run_while_both_intended() {
         let obs = vec![inst("old", "web", 1, Phase::Ready, 0)];
-        let a = decide(&obs, &intended(&[("web", 1, 1), ("web", 2, 1)]), &ExitHistory::default(), 10, &Policy::default());
-        assert_eq!(a, vec![Action::Start { app: "web".into(), version: 2 }]);
+        let a = decide(
+            &obs,
+            &intended(&[("web", 1, 1), ("web", 2, 1)]),
+            &ExitHistory::default(),
+            10,
+            &Policy::default(),
+        );
+        assert_eq!(
+            a,
+            vec![Action::Start {
+                app: "web".into(),
+                version: 2
+            }]
+        );
     }
 
     #[test]
     fn deleted_app_is_stopped_and_stopping_is_left_alone() {
-        let obs = vec![inst("a", "gone", 1, Phase::Ready, 0), inst("b", "gone", 1, Phase::Stopping, 0)];
-        let a = decide(&obs, &intended(&[]), &ExitHistory::default(), 10, &Policy::default());
-        assert_eq!(a, vec![Action::Stop { id: "a".into(), reason: StopReason::NotIntended }]);
+        let obs = vec![
+            inst("a", "gone", 1, Phase::Ready, 0),
+            inst("b", "gone", 1, Phase::Stopping, 0),
+        ];
+        let a = decide(
+            &obs,
+            &intended(&[]),
+            &ExitHistory::default(),
+            10,
+            &Policy::default(),
+        );
+        assert_eq!(
+            a,
+            vec![Action::Stop {
+                id: "a".into(),
+                reason: StopReason::NotIntended
+            }]
+        );
     }
 
     #[test]
@@ -334,12 +443,24 @@ mod tests {
             inst("new", "web", 1, Phase::Ready, 20),
             inst("cold", "web", 1, Phase::Starting, 5),
         ];
-        let a = decide(&obs, &intended(&[("web", 1, 2)]), &ExitHistory::default(), 30, &Policy::default());
+        let a = decide(
+            &obs,
+            &intended(&[("web", 1, 2)]),
+            &ExitHistory::default(),
+            30,
+            &Policy::default(),
+        );
         assert_eq!(
             a,
             vec![
-                Action::Stop { id: "cold".into(), reason: StopReason::ScaleDown },
-                Action::Stop { id: "new".into(), reason: StopReason::ScaleDown }
+                Action::Stop {
+                    id: "cold".into(),
+                    reason: StopReason::ScaleDown
+                },
+                Action::Stop {
+                    id: "new".into(),
+                    reason: StopReason::ScaleDown
+                }
             ]
         );
     }
@@ -355,15 +476,27 @@ mod tests {
         // Before the timeouts: nothing.
         assert!(decide(&obs, &want, &ExitHistory::default(), 20_000, &p).is_empty());
         let a = decide(&obs, &want, &ExitHistory::default(), 61_000, &p);
-        assert!(a.contains(&Action::Stop { id: "slow".into(), reason: StopReason::StartTimeout }));
-        assert!(a.contains(&Action::Stop { id: "hung".into(), reason: StopReason::Hung }));
+        assert!(a.contains(&Action::Stop {
+            id: "slow".into(),
+            reason: StopReason::StartTimeout
+        }));
+        assert!(a.contains(&Action::Stop {
+            id: "hung".into(),
+            reason: StopReason::Hung
+        }));
         assert_eq!(starts(&a), 2, "{a:?}");
     }
 
     #[test]
     fn stopping_instances_do_not_count_as_live() {
         let obs = vec![inst("s", "web", 1, Phase::Stopping, 0)];
-        let a = decide(&obs, &intended(&[("web", 1, 1)]), &ExitHistory::default(), 10, &Policy::default());
+        let a = decide(
+            &obs,
+            &intended(&[("web", 1, 1)]),
+            &ExitHistory::default(),
+            10,
+            &Policy::default(),
+        );
         assert_eq!(starts(&a), 1);
     }
 }

@@ -82,7 +82,11 @@ pub(crate) async fn observe(shared: &Shared) -> Vec<(Observed, ObservedInstance)
                 Phase::Ready => i.endpoint.map(|e| e.to_string()),
                 _ => None,
             };
-            let state = if matches!(i.phase, Phase::Unhealthy { .. }) { InstanceState::Starting } else { state };
+            let state = if matches!(i.phase, Phase::Unhealthy { .. }) {
+                InstanceState::Starting
+            } else {
+                state
+            };
             (
                 Observed {
                     id: i.id.clone(),
@@ -159,19 +163,36 @@ pub(crate) async fn start(shared: &Arc<Shared>, spec: IntendedApp) {
     let handle = tokio::spawn(async move {
         if let Err(e) = launch(&shared2, &id, &spec, now).await {
             tracing::warn!(app = %spec.app, version = spec.version, instance = %id, host = %shared2.config.name, error = %e, "instance failed to start");
-            shared2.history.lock().await.record(&spec.app, spec.version, now_ms());
+            shared2
+                .history
+                .lock()
+                .await
+                .record(&spec.app, spec.version, now_ms());
             set_phase(&shared2, &id, Phase::Exited { at: now_ms() }, Some(e)).await;
         }
     });
     drop(handle);
 }
 
-async fn launch(shared: &Arc<Shared>, id: &str, spec: &IntendedApp, started_at: i64) -> Result<(), String> {
-    let app_dir = crate::build::ensure_artifact(shared, &spec.app, spec.version, &spec.artifact_hash)
-        .await
-        .map_err(|e| format!("could not prepare the build of {} v{}: {e}", spec.app, spec.version))?;
+async fn launch(
+    shared: &Arc<Shared>,
+    id: &str,
+    spec: &IntendedApp,
+    started_at: i64,
+) -> Result<(), String> {
+    let app_dir =
+        crate::build::ensure_artifact(shared, &spec.app, spec.version, &spec.artifact_hash)
+            .await
+            .map_err(|e| {
+                format!(
+                    "could not prepare the build of {} v{}: {e}",
+                    spec.app, spec.version
+                )
+            })?;
     let dir = instance_dir(shared, id);
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let port = spec.run.port.unwrap_or(DEFAULT_PORT);
     let mut env = base_env();
     env.extend(spec.env.clone());
@@ -245,13 +266,24 @@ async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
         Err(e) => {
             tracing::error!(instance = %id, error = %e, "could not bind the instance's endpoint");
             let _ = process.kill();
-            set_phase(shared, &id, Phase::Exited { at: now_ms() }, Some(format!("no endpoint: {e}"))).await;
+            set_phase(
+                shared,
+                &id,
+                Phase::Exited { at: now_ms() },
+                Some(format!("no endpoint: {e}")),
+            )
+            .await;
             return;
         }
     };
     let endpoint = listener.local_addr().ok();
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(forward(listener, process.clone(), record.port, id.clone())));
+    tasks.push(tokio::spawn(forward(
+        listener,
+        process.clone(),
+        record.port,
+        id.clone(),
+    )));
     // Supervisor: the exit is noticed the moment it happens.
     {
         let shared = shared.clone();
@@ -270,7 +302,11 @@ async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
             set_phase(&shared, &record.id, Phase::Exited { at: now_ms() }, Some(info.description)).await;
         }));
     }
-    tasks.push(tokio::spawn(health_loop(shared.clone(), process.clone(), record.clone())));
+    tasks.push(tokio::spawn(health_loop(
+        shared.clone(),
+        process.clone(),
+        record.clone(),
+    )));
     let mut instances = shared.instances.lock().await;
     match instances.get_mut(&id) {
         Some(i) => {
@@ -321,7 +357,9 @@ async fn forward(listener: TcpListener, process: Arc<SandboxProcess>, port: u16,
 async fn probe(process: &SandboxProcess, port: u16, health: Option<&str>) -> bool {
     let attempt = async {
         let mut conn = process.connect(port).await.ok()?;
-        let Some(path) = health else { return Some(true) };
+        let Some(path) = health else {
+            return Some(true);
+        };
         let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: stead-health\r\nConnection: close\r\n\r\n");
         conn.write_all(req.as_bytes()).await.ok()?;
         let mut buf = [0u8; 32];
@@ -337,7 +375,10 @@ async fn probe(process: &SandboxProcess, port: u16, health: Option<&str>) -> boo
         let code: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some((200..400).contains(&code))
     };
-    matches!(tokio::time::timeout(Duration::from_secs(2), attempt).await, Ok(Some(true)))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Some(true))
+    )
 }
 
 async fn health_loop(shared: Arc<Shared>, process: Arc<SandboxProcess>, record: Record) {
@@ -374,7 +415,9 @@ async fn health_loop(shared: Arc<Shared>, process: Arc<SandboxProcess>, record: 
 pub(crate) async fn stop(shared: &Arc<Shared>, id: &str, reason: StopReason) {
     let (process, grace, app, version) = {
         let mut instances = shared.instances.lock().await;
-        let Some(i) = instances.get_mut(id) else { return };
+        let Some(i) = instances.get_mut(id) else {
+            return;
+        };
         if matches!(i.phase, Phase::Stopping | Phase::Exited { .. }) {
             return;
         }
@@ -416,7 +459,9 @@ pub(crate) async fn forget(shared: &Arc<Shared>, id: &str) {
 /// agent restart neither kills nor duplicates them.
 pub(crate) async fn adopt_all(shared: &Arc<Shared>) {
     let dir = shared.instances_dir();
-    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         let record: Option<Record> = std::fs::read(path.join("instance.json"))
@@ -450,7 +495,8 @@ pub(crate) async fn adopt_all(shared: &Arc<Shared>) {
             }
             Ok(None) | Err(_) => {
                 tracing::info!(app = %record.app, version = record.version, instance = %record.id, "instance from an earlier agent run is gone");
-                crate::logship::ship_instance(shared, &record.app, record.version, &record.id).await;
+                crate::logship::ship_instance(shared, &record.app, record.version, &record.id)
+                    .await;
                 let _ = std::fs::remove_dir_all(&path);
             }
         }

@@ -27,7 +27,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use stead_api::{HeartbeatRequest, HeartbeatResponse, IntendedHostState, RegisterRequest, RegisterResponse};
+use stead_api::{
+    HeartbeatRequest, HeartbeatResponse, IntendedHostState, RegisterRequest, RegisterResponse,
+};
 use stead_sandbox::ProcessSandbox;
 use tokio::sync::{Mutex, Notify};
 
@@ -40,9 +42,15 @@ pub enum AgentError {
     #[error("could not register host {host} with the control plane: {source}")]
     Register { host: String, source: ClientError },
     #[error("sandbox backend unavailable on host {host}: {source}")]
-    Sandbox { host: String, source: stead_sandbox::SandboxError },
+    Sandbox {
+        host: String,
+        source: stead_sandbox::SandboxError,
+    },
     #[error("i/o error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -67,7 +75,13 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    pub fn new(servers: Vec<String>, token: String, data_dir: PathBuf, name: String, init_exe: PathBuf) -> Self {
+    pub fn new(
+        servers: Vec<String>,
+        token: String,
+        data_dir: PathBuf,
+        name: String,
+        init_exe: PathBuf,
+    ) -> Self {
         AgentConfig {
             servers,
             token,
@@ -85,7 +99,10 @@ impl AgentConfig {
 }
 
 pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// State shared by the agent's tasks.
@@ -114,13 +131,22 @@ impl Shared {
 }
 
 fn mkdir(path: &Path) -> Result<(), AgentError> {
-    std::fs::create_dir_all(path).map_err(|source| AgentError::Io { path: path.to_path_buf(), source })
+    std::fs::create_dir_all(path).map_err(|source| AgentError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Runs the agent until `shutdown` resolves.
-pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<(), AgentError> {
-    let sandbox = ProcessSandbox::new(config.init_exe.clone())
-        .map_err(|source| AgentError::Sandbox { host: config.name.clone(), source })?;
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    let sandbox =
+        ProcessSandbox::new(config.init_exe.clone()).map_err(|source| AgentError::Sandbox {
+            host: config.name.clone(),
+            source,
+        })?;
     for d in ["instances", "apps", "tmp"] {
         mkdir(&config.data_dir.join(d))?;
     }
@@ -139,12 +165,20 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let reg: RegisterResponse = loop {
         match client.post("/v1/agent/register", &req).await {
             Ok(r) => break r,
-            Err(e) if tokio::time::Instant::now() < deadline && e.status().is_none_or(|s| s >= 500) => {
+            Err(e)
+                if tokio::time::Instant::now() < deadline
+                    && e.status().is_none_or(|s| s >= 500) =>
+            {
                 tracing::warn!(host = %config.name, error = %e, "registering with the control plane failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Err(source) => return Err(AgentError::Register { host: config.name.clone(), source }),
+            Err(source) => {
+                return Err(AgentError::Register {
+                    host: config.name.clone(),
+                    source,
+                })
+            }
         }
     };
     tracing::info!(host = %config.name, host_id = %reg.host_id, "agent registered");
@@ -161,7 +195,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     instance::adopt_all(&shared).await;
 
     let resolver = tokio::spawn(resolve_loop(shared.clone()));
-    let builder = shared.config.builds.then(|| tokio::spawn(build::build_loop(shared.clone())));
+    let builder = shared
+        .config
+        .builds
+        .then(|| tokio::spawn(build::build_loop(shared.clone())));
     let shipper = tokio::spawn(logship::ship_loop(shared.clone()));
     shutdown.await;
     resolver.abort();
@@ -178,13 +215,19 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
 }
 
 fn host_capacity() -> stead_api::HostCapacity {
-    let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
     let memory_mb = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
         })
         .map(|kb| kb / 1024)
         .unwrap_or(0);
@@ -202,17 +245,30 @@ async fn resolve_loop(shared: Arc<Shared>) {
             session: shared.session.clone(),
             instances: observed.iter().map(|(_, o)| o.clone()).collect(),
         };
-        match shared.client.post::<_, HeartbeatResponse>("/v1/agent/heartbeat", &req).await {
+        match shared
+            .client
+            .post::<_, HeartbeatResponse>("/v1/agent/heartbeat", &req)
+            .await
+        {
             Ok(resp) => intended = Some(resp.intended),
-            Err(e) => tracing::warn!(host = %shared.config.name, error = %e, "heartbeat failed; keeping what runs"),
+            Err(e) => {
+                tracing::warn!(host = %shared.config.name, error = %e, "heartbeat failed; keeping what runs")
+            }
         }
         if let Some(intended) = &intended {
             let now = now_ms();
-            let decision_input: Vec<decide::Observed> = observed.into_iter().map(|(d, _)| d).collect();
+            let decision_input: Vec<decide::Observed> =
+                observed.into_iter().map(|(d, _)| d).collect();
             let actions = {
                 let mut history = shared.history.lock().await;
                 history.prune(now, &shared.config.policy);
-                decide::decide(&decision_input, intended, &history, now, &shared.config.policy)
+                decide::decide(
+                    &decision_input,
+                    intended,
+                    &history,
+                    now,
+                    &shared.config.policy,
+                )
             };
             for action in actions {
                 apply(&shared, intended, action).await;
@@ -228,7 +284,11 @@ async fn resolve_loop(shared: Arc<Shared>) {
 async fn apply(shared: &Arc<Shared>, intended: &IntendedHostState, action: Action) {
     match action {
         Action::Start { app, version } => {
-            let Some(spec) = intended.apps.iter().find(|a| a.app == app && a.version == version) else {
+            let Some(spec) = intended
+                .apps
+                .iter()
+                .find(|a| a.app == app && a.version == version)
+            else {
                 return;
             };
             instance::start(shared, spec.clone()).await;

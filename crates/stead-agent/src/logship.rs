@@ -35,7 +35,10 @@ pub(crate) async fn ship_loop(shared: Arc<Shared>) {
 pub(crate) async fn ship_once(shared: &Arc<Shared>) {
     let list: Vec<(String, String, u32)> = {
         let instances = shared.instances.lock().await;
-        instances.values().map(|i| (i.id.clone(), i.app.clone(), i.version)).collect()
+        instances
+            .values()
+            .map(|i| (i.id.clone(), i.app.clone(), i.version))
+            .collect()
     };
     for (id, app, version) in list {
         ship_instance(shared, &app, version, &id).await;
@@ -53,10 +56,15 @@ pub(crate) async fn ship_instance(shared: &Shared, app: &str, version: u32, id: 
         .unwrap_or_default();
     let mut lines = Vec::new();
     let mut new_offsets = offsets.clone();
-    for (file, stream) in [("stdout.log", LogStream::Stdout), ("stderr.log", LogStream::Stderr)] {
+    for (file, stream) in [
+        ("stdout.log", LogStream::Stdout),
+        ("stderr.log", LogStream::Stderr),
+    ] {
         let path = dir.join(file);
         let from = offsets.get(file).copied().unwrap_or(0);
-        let Ok((text, consumed)) = read_new(&path, from).await else { continue };
+        let Ok((text, consumed)) = read_new(&path, from).await else {
+            continue;
+        };
         if consumed == 0 {
             continue;
         }
@@ -85,8 +93,15 @@ pub(crate) async fn ship_instance(shared: &Shared, app: &str, version: u32, id: 
     if lines.is_empty() {
         return;
     }
-    let batch = InstanceLogBatch { host_id: shared.host_id.clone(), lines };
-    match shared.client.post::<_, serde_json::Value>("/v1/agent/logs", &batch).await {
+    let batch = InstanceLogBatch {
+        host_id: shared.host_id.clone(),
+        lines,
+    };
+    match shared
+        .client
+        .post::<_, serde_json::Value>("/v1/agent/logs", &batch)
+        .await
+    {
         Ok(_) => {
             offsets = new_offsets;
             if let Ok(bytes) = serde_json::to_vec(&offsets) {
@@ -132,7 +147,9 @@ async fn rotate(dir: &Path, offsets: &mut BTreeMap<String, u64>, offsets_path: &
     let mut changed = false;
     for file in ["stdout.log", "stderr.log"] {
         let path = dir.join(file);
-        let Ok(meta) = tokio::fs::metadata(&path).await else { continue };
+        let Ok(meta) = tokio::fs::metadata(&path).await else {
+            continue;
+        };
         if meta.len() >= ROTATE_BYTES && offsets.get(file).copied() == Some(meta.len()) {
             let old = dir.join(format!("{file}.1"));
             if tokio::fs::copy(&path, &old).await.is_ok() {

@@ -144,7 +144,10 @@ struct DbosDatabase {
 impl AppConfig {
     /// Reads the config from the files of an app folder: `stead.toml` wins
     /// over `dbos-config.yaml`.
-    pub fn from_files(stead_toml: Option<&str>, dbos_yaml: Option<&str>) -> Result<Self, ConfigError> {
+    pub fn from_files(
+        stead_toml: Option<&str>,
+        dbos_yaml: Option<&str>,
+    ) -> Result<Self, ConfigError> {
         match (stead_toml, dbos_yaml) {
             (Some(t), _) => Self::from_stead_toml(t),
             (None, Some(y)) => Self::from_dbos_yaml(y),
@@ -180,13 +183,16 @@ impl AppConfig {
             file: DBOS_CONFIG,
             message: e.to_string(),
         })?;
-        let invalid = |message: String| ConfigError::Invalid { file: DBOS_CONFIG, message };
+        let invalid = |message: String| ConfigError::Invalid {
+            file: DBOS_CONFIG,
+            message,
+        };
         let name = raw
             .name
             .ok_or_else(|| invalid("`name` is missing; add `name: my-app`".into()))?;
-        let runtime = raw
-            .runtime_config
-            .ok_or_else(|| invalid("`runtimeConfig.start` is missing; add the command that starts the app".into()))?;
+        let runtime = raw.runtime_config.ok_or_else(|| {
+            invalid("`runtimeConfig.start` is missing; add the command that starts the app".into())
+        })?;
         if runtime.start.is_empty() {
             return Err(invalid(
                 "`runtimeConfig.start` is empty; add the command that starts the app".into(),
@@ -222,14 +228,18 @@ impl AppConfig {
         let invalid = |message: String| ConfigError::Invalid { file, message };
         validate_app_name(&self.name).map_err(invalid)?;
         if self.start.trim().is_empty() {
-            return Err(invalid("`run.start` is empty; set the command that starts the app".into()));
+            return Err(invalid(
+                "`run.start` is empty; set the command that starts the app".into(),
+            ));
         }
         if self.port == Some(0) {
             return Err(invalid("`run.port` must be between 1 and 65535".into()));
         }
         if let Some(h) = &self.health {
             if !h.starts_with('/') {
-                return Err(invalid(format!("`run.health` must be an HTTP path starting with '/', got {h:?}")));
+                return Err(invalid(format!(
+                    "`run.health` must be an HTTP path starting with '/', got {h:?}"
+                )));
             }
         }
         if self.max == 0 {
@@ -242,7 +252,10 @@ impl AppConfig {
             )));
         }
         if self.max > 1000 {
-            return Err(invalid(format!("`scale.max` ({}) is above the limit of 1000", self.max)));
+            return Err(invalid(format!(
+                "`scale.max` ({}) is above the limit of 1000",
+                self.max
+            )));
         }
         if !(16..=65536).contains(&self.memory_mb) {
             return Err(invalid(format!(
@@ -251,11 +264,16 @@ impl AppConfig {
             )));
         }
         if self.grace_s > 3600 {
-            return Err(invalid(format!("`run.grace` ({} s) must be at most 3600", self.grace_s)));
+            return Err(invalid(format!(
+                "`run.grace` ({} s) must be at most 3600",
+                self.grace_s
+            )));
         }
         for c in self.build.iter().chain(self.migrate.iter()) {
             if c.trim().is_empty() {
-                return Err(invalid("build and migration commands must not be empty strings".into()));
+                return Err(invalid(
+                    "build and migration commands must not be empty strings".into(),
+                ));
             }
         }
         Ok(())
@@ -315,7 +333,8 @@ migrate = ["python3 migrate.py"]
 
     #[test]
     fn unknown_keys_are_rejected_with_their_name() {
-        let err = AppConfig::from_stead_toml("name = \"abc\"\n[run]\nstart = \"x\"\nstrat = 1\n").unwrap_err();
+        let err = AppConfig::from_stead_toml("name = \"abc\"\n[run]\nstart = \"x\"\nstrat = 1\n")
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("strat"), "{msg}");
         assert!(msg.contains("stead.toml"), "{msg}");
@@ -323,9 +342,13 @@ migrate = ["python3 migrate.py"]
 
     #[test]
     fn wrong_types_are_rejected() {
-        let err = AppConfig::from_stead_toml("name = \"abc\"\n[run]\nstart = \"x\"\nport = \"eighty\"\n").unwrap_err();
+        let err =
+            AppConfig::from_stead_toml("name = \"abc\"\n[run]\nstart = \"x\"\nport = \"eighty\"\n")
+                .unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
-        let err = AppConfig::from_stead_toml("name = \"abc\"\n[run]\nstart = \"x\"\nport = 70000\n").unwrap_err();
+        let err =
+            AppConfig::from_stead_toml("name = \"abc\"\n[run]\nstart = \"x\"\nport = 70000\n")
+                .unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
     }
 
@@ -334,9 +357,18 @@ migrate = ["python3 migrate.py"]
         let bad = [
             ("name = \"A\"\n[run]\nstart = \"x\"\n", "app name"),
             ("name = \"abc\"\n[run]\nstart = \"  \"\n", "run.start"),
-            ("name = \"abc\"\n[run]\nstart = \"x\"\nhealth = \"healthz\"\n", "run.health"),
-            ("name = \"abc\"\n[run]\nstart = \"x\"\n[scale]\nmin = 5\nmax = 2\n", "scale.min"),
-            ("name = \"abc\"\n[run]\nstart = \"x\"\n[resources]\nmemory_mb = 1\n", "memory_mb"),
+            (
+                "name = \"abc\"\n[run]\nstart = \"x\"\nhealth = \"healthz\"\n",
+                "run.health",
+            ),
+            (
+                "name = \"abc\"\n[run]\nstart = \"x\"\n[scale]\nmin = 5\nmax = 2\n",
+                "scale.min",
+            ),
+            (
+                "name = \"abc\"\n[run]\nstart = \"x\"\n[resources]\nmemory_mb = 1\n",
+                "memory_mb",
+            ),
         ];
         for (text, needle) in bad {
             let msg = AppConfig::from_stead_toml(text).unwrap_err().to_string();

@@ -120,6 +120,10 @@ pub struct AppStatus {
     pub org: String,
     /// The version new requests go to.
     pub active_version: Option<u32>,
+    /// A version being started to replace the active one (after a deploy
+    /// or rollback); it becomes active once one of its instances is ready.
+    #[serde(default)]
+    pub target_version: Option<u32>,
     pub latest_version: Option<u32>,
     pub scale: ScaleSettings,
     pub instances: Vec<InstanceInfo>,
@@ -528,7 +532,11 @@ mod tests {
         ] {
             assert_eq!(InstanceState::parse(s.as_str()), Some(s));
         }
-        for s in [VersionState::Building, VersionState::Ready, VersionState::Failed] {
+        for s in [
+            VersionState::Building,
+            VersionState::Ready,
+            VersionState::Failed,
+        ] {
             assert_eq!(VersionState::parse(s.as_str()), Some(s));
         }
     }

@@ -19,7 +19,9 @@ pub fn validate_app_name(name: &str) -> Result<(), String> {
         ));
     }
     if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
-        return Err(format!("app name {name:?} must start with a lowercase letter"));
+        return Err(format!(
+            "app name {name:?} must start with a lowercase letter"
+        ));
     }
     if name.ends_with('-') {
         return Err(format!("app name {name:?} must not end with '-'"));

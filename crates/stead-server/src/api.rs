@@ -125,6 +125,7 @@ async fn app_status(state: &AppState, app: &AppRecord) -> Result<AppStatus, ApiE
         name: app.name.clone(),
         org: app.org.clone(),
         active_version: app.active_version,
+        target_version: app.target_version,
         latest_version: app.latest_version,
         scale: ScaleSettings {
             min: app.min,

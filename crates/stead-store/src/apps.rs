@@ -26,6 +26,8 @@ pub struct AppRecord {
     pub org_id: i64,
     pub org: String,
     pub active_version: Option<u32>,
+    /// A version starting to replace the active one (deploy or rollback).
+    pub target_version: Option<u32>,
     pub latest_version: Option<u32>,
     pub min: u32,
     pub max: u32,
@@ -47,7 +49,7 @@ pub struct DeployOutcome {
     pub response: DeployResponse,
 }
 
-const APP_COLUMNS: &str = "a.id AS id, a.name AS name, a.org_id AS org_id, o.name AS org, a.active_version AS active_version, \
+const APP_COLUMNS: &str = "a.id AS id, a.name AS name, a.org_id AS org_id, o.name AS org, a.active_version AS active_version, a.target_version AS target_version, \
      a.last_version AS last_version, a.min_instances AS min_instances, a.max_instances AS max_instances, a.created_at AS created_at";
 
 fn app_from_row(row: &AnyRow) -> Result<AppRecord> {
@@ -58,6 +60,7 @@ fn app_from_row(row: &AnyRow) -> Result<AppRecord> {
         org_id: get_i64(row, "org_id")?,
         org: get_str(row, "org")?,
         active_version: get_opt_i64(row, "active_version")?.map(to_u32),
+        target_version: get_opt_i64(row, "target_version")?.map(to_u32),
         latest_version: (last > 0).then(|| to_u32(last)),
         min: to_u32(get_i64(row, "min_instances")?),
         max: to_u32(get_i64(row, "max_instances")?),
@@ -526,8 +529,17 @@ impl Store {
                 })?
             }
         };
-        sqlx::query("UPDATE apps SET active_version = $1 WHERE id = $2")
-            .bind(number)
+        // Like a deploy, a rollback goes through the target: the earlier
+        // version's instances start (from its existing build) and it becomes
+        // active once one is ready, so traffic never meets an empty app.
+        // Rolling back to the active version cancels a pending target.
+        let target = if Some(number) == active {
+            None
+        } else {
+            Some(number)
+        };
+        sqlx::query("UPDATE apps SET target_version = $1 WHERE id = $2")
+            .bind(target)
             .bind(app_id)
             .execute(&mut *tx)
             .await?;
@@ -536,7 +548,7 @@ impl Store {
             app_id,
             "rollback",
             &format!(
-                "active version set to {number} (was {})",
+                "rolling back to version {number} (active: {})",
                 active
                     .map(|a| a.to_string())
                     .unwrap_or_else(|| "none".into())

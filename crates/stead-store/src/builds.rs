@@ -26,7 +26,8 @@ pub struct ClaimedTask {
 /// What completing a build did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CompleteOutcome {
-    /// The version is ready; `activated` when it became the active one.
+    /// The version is ready; `activated` when it became the app's target
+    /// (promoted to active once one of its instances is ready).
     Succeeded {
         activated: bool,
     },
@@ -317,8 +318,13 @@ impl Store {
                     serde_json::json!({"version": version, "build_id": id, "artifact_hash": artifact}),
                 )
                 .await?;
+                // The new version becomes the target: agents start it beside
+                // the active one, and it is promoted once an instance is
+                // ready (see `promote_targets`).
                 let activated = sqlx::query(
-                    "UPDATE apps SET active_version = $1 WHERE id = $2 AND (active_version IS NULL OR active_version < $1)",
+                    "UPDATE apps SET target_version = $1 WHERE id = $2 \
+                     AND (active_version IS NULL OR active_version < $1) \
+                     AND (target_version IS NULL OR target_version < $1)",
                 )
                 .bind(version)
                 .bind(app_id)
@@ -330,8 +336,8 @@ impl Store {
                     insert_event(
                         &mut tx,
                         app_id,
-                        "activated",
-                        &format!("version {version} is now active"),
+                        "promoting",
+                        &format!("version {version} is starting; it becomes active once an instance is ready"),
                         serde_json::json!({"version": version}),
                     )
                     .await?;

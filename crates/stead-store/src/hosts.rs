@@ -200,8 +200,12 @@ impl Store {
                 )
                 .await?;
             }
+            if inst.state == InstanceState::Ready && before != Some("ready") {
+                promote_on_ready(&mut tx, app_id, inst.version).await?;
+            }
             if inst.state == InstanceState::Exited && before != Some("exited") {
                 let why = inst.exit.clone().unwrap_or_else(|| "unknown reason".into());
+                fail_if_crash_looping(&mut tx, app_id, inst.version, &why).await?;
                 insert_event(
                     &mut tx,
                     app_id,
@@ -270,13 +274,15 @@ impl Store {
         rows.iter().map(|r| get_str(r, "id")).collect()
     }
 
-    /// Apps (of every organisation) whose active version is ready to run.
+    /// Apps (of every organisation) with the versions that should run: the
+    /// active one and, while it starts, the target one (one entry each).
     pub async fn active_apps(&self) -> Result<Vec<ActiveApp>> {
         let rows = sqlx::query(
-            "SELECT a.id AS id, a.name AS name, a.active_version AS version, a.min_instances AS min_instances, \
+            "SELECT a.id AS id, a.name AS name, v.number AS version, a.min_instances AS min_instances, \
              a.max_instances AS max_instances, v.artifact_hash AS artifact_hash, v.config AS config \
-             FROM apps a JOIN versions v ON v.app_id = a.id AND v.number = a.active_version \
-             WHERE v.state = 'ready' AND v.artifact_hash IS NOT NULL ORDER BY a.id",
+             FROM apps a JOIN versions v ON v.app_id = a.id \
+             AND (v.number = a.active_version OR v.number = a.target_version) \
+             WHERE v.state = 'ready' AND v.artifact_hash IS NOT NULL ORDER BY a.id, v.number",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -366,4 +372,93 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// An instance of the app's target version became ready: the target becomes
+/// the active version (new requests go to it; the old version's instances
+/// leave the intended state and are stopped).
+async fn promote_on_ready(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    app_id: i64,
+    version: u32,
+) -> Result<()> {
+    sqlx::query("UPDATE versions SET ever_ready = 1 WHERE app_id = $1 AND number = $2")
+        .bind(app_id)
+        .bind(i64::from(version))
+        .execute(&mut **tx)
+        .await?;
+    let promoted = sqlx::query(
+        "UPDATE apps SET active_version = target_version, target_version = NULL \
+         WHERE id = $1 AND target_version = $2",
+    )
+    .bind(app_id)
+    .bind(i64::from(version))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if promoted {
+        insert_event(
+            tx,
+            app_id,
+            "activated",
+            &format!("version {version} is now active"),
+            serde_json::json!({"version": version}),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// How many instances of a target version may exit before ever becoming
+/// ready before the version is declared failed.
+pub const START_FAILURES: i64 = 3;
+
+/// A target version whose instances keep exiting without ever becoming ready
+/// is failed, so the active version keeps serving and the deploy reports it.
+async fn fail_if_crash_looping(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    app_id: i64,
+    version: u32,
+    why: &str,
+) -> Result<()> {
+    sqlx::query("UPDATE versions SET exits = exits + 1 WHERE app_id = $1 AND number = $2 AND ever_ready = 0")
+        .bind(app_id)
+        .bind(i64::from(version))
+        .execute(&mut **tx)
+        .await?;
+    let failed = sqlx::query(
+        "UPDATE apps SET target_version = NULL WHERE id = $1 AND target_version = $2 \
+         AND EXISTS (SELECT 1 FROM versions v WHERE v.app_id = $1 AND v.number = $2 \
+                     AND v.ever_ready = 0 AND v.exits >= $3)",
+    )
+    .bind(app_id)
+    .bind(i64::from(version))
+    .bind(START_FAILURES)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if failed {
+        let error = format!(
+            "version {version} failed to start: {START_FAILURES} instances exited before becoming ready; last: {why}"
+        );
+        sqlx::query(
+            "UPDATE versions SET state = 'failed', error = $1 WHERE app_id = $2 AND number = $3",
+        )
+        .bind(&error)
+        .bind(app_id)
+        .bind(i64::from(version))
+        .execute(&mut **tx)
+        .await?;
+        insert_event(
+            tx,
+            app_id,
+            "version_failed",
+            &error,
+            serde_json::json!({"version": version}),
+        )
+        .await?;
+    }
+    Ok(())
 }

@@ -16,7 +16,11 @@ pub enum ApiError {
     #[error("cannot reach the Stead control plane at {url}: {reason}. Is `stead dev` (or `stead server`) running? Point the CLI at it with --api URL or STEAD_API.")]
     Unreachable { url: String, reason: String },
     #[error("{message}")]
-    Status { status: u16, kind: String, message: String },
+    Status {
+        status: u16,
+        kind: String,
+        message: String,
+    },
     #[error("unexpected answer from the control plane: {0}")]
     Decode(String),
 }
@@ -70,7 +74,11 @@ impl Api {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .unwrap_or_default();
-        Api { base: base.trim_end_matches('/').to_string(), token, http }
+        Api {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -78,7 +86,9 @@ impl Api {
     }
 
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, self.url(path)).bearer_auth(&self.token)
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(&self.token)
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
@@ -92,7 +102,11 @@ impl Api {
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => Err(ApiError::Status { status, kind: b.error, message: b.message }),
+            Ok(b) => Err(ApiError::Status {
+                status,
+                kind: b.error,
+                message: b.message,
+            }),
             Err(_) => Err(ApiError::Status {
                 status,
                 kind: "http".into(),
@@ -101,25 +115,39 @@ impl Api {
         }
     }
 
-    pub async fn json<R: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<R, ApiError> {
+    pub async fn json<R: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<R, ApiError> {
         let resp = self.send(req).await?;
-        resp.json::<R>().await.map_err(|e| ApiError::Decode(e.to_string()))
+        resp.json::<R>()
+            .await
+            .map_err(|e| ApiError::Decode(e.to_string()))
     }
 
     pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ApiError> {
         self.json(self.request(reqwest::Method::GET, path)).await
     }
 
-    pub async fn post<B: Serialize, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R, ApiError> {
-        self.json(self.request(reqwest::Method::POST, path).json(body)).await
+    pub async fn post<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, ApiError> {
+        self.json(self.request(reqwest::Method::POST, path).json(body))
+            .await
     }
 
     pub async fn put<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ApiError> {
-        self.send(self.request(reqwest::Method::PUT, path).json(body)).await.map(|_| ())
+        self.send(self.request(reqwest::Method::PUT, path).json(body))
+            .await
+            .map(|_| ())
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), ApiError> {
-        self.send(self.request(reqwest::Method::DELETE, path)).await.map(|_| ())
+        self.send(self.request(reqwest::Method::DELETE, path))
+            .await
+            .map(|_| ())
     }
 }
 

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
-use stead_api::{AppStatus, AppSummary, EnvSetRequest, EnvVar, HostInfo, LogLine, RollbackRequest, VersionInfo, WhoAmI};
+use stead_api::{
+    AppStatus, AppSummary, EnvSetRequest, EnvVar, HostInfo, LogLine, RollbackRequest, VersionInfo,
+    WhoAmI,
+};
 
 use crate::api::Api;
 use crate::{credentials, ClientArgs};
@@ -29,7 +32,9 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         None => {
             eprint!("API token for {api}: ");
             let mut line = String::new();
-            std::io::stdin().read_line(&mut line).context("reading the token from standard input")?;
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the token from standard input")?;
             line.trim().to_string()
         }
     };
@@ -38,8 +43,16 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         Some(401) => anyhow!("the control plane at {api} does not accept this token; check it or create one with `stead tokens create`"),
         _ => anyhow!(e),
     })?;
-    let path = credentials::save(&credentials::Credentials { api: api.clone(), token })?;
-    println!("Logged in to {api} as {} (organisation {}); credentials in {}", who.user.as_deref().unwrap_or("-"), who.org, path.display());
+    let path = credentials::save(&credentials::Credentials {
+        api: api.clone(),
+        token,
+    })?;
+    println!(
+        "Logged in to {api} as {} (organisation {}); credentials in {}",
+        who.user.as_deref().unwrap_or("-"),
+        who.org,
+        path.display()
+    );
     Ok(())
 }
 
@@ -124,7 +137,11 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:<w$}", c, w = widths[i])).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<w$}", c, w = widths[i]))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
@@ -135,8 +152,18 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
 
 pub fn print_status(s: &AppStatus) {
     println!("app:       {} (organisation {})", s.name, s.org);
-    println!("active:    {}", s.active_version.map(|v| format!("v{v}")).unwrap_or_else(|| "none".into()));
-    println!("latest:    {}", s.latest_version.map(|v| format!("v{v}")).unwrap_or_else(|| "none".into()));
+    println!(
+        "active:    {}",
+        s.active_version
+            .map(|v| format!("v{v}"))
+            .unwrap_or_else(|| "none".into())
+    );
+    println!(
+        "latest:    {}",
+        s.latest_version
+            .map(|v| format!("v{v}"))
+            .unwrap_or_else(|| "none".into())
+    );
     println!("scale:     min {} max {}", s.scale.min, s.scale.max);
     if let Some(url) = &s.url {
         println!("url:       {url}");
@@ -146,7 +173,9 @@ pub fn print_status(s: &AppStatus) {
     } else {
         println!();
         table(
-            &["INSTANCE", "VERSION", "HOST", "STATE", "EXECUTOR", "STARTED", "EXIT"],
+            &[
+                "INSTANCE", "VERSION", "HOST", "STATE", "EXECUTOR", "STARTED", "EXIT",
+            ],
             s.instances
                 .iter()
                 .map(|i| {
@@ -207,7 +236,9 @@ pub async fn apps(cmd: AppsCommand) -> anyhow::Result<()> {
                 return print_json(&vs);
             }
             table(
-                &["VERSION", "STATE", "ACTIVE", "BUNDLE", "SIZE", "CREATED", "ERROR"],
+                &[
+                    "VERSION", "STATE", "ACTIVE", "BUNDLE", "SIZE", "CREATED", "ERROR",
+                ],
                 vs.iter()
                     .map(|v| {
                         vec![
@@ -217,15 +248,28 @@ pub async fn apps(cmd: AppsCommand) -> anyhow::Result<()> {
                             v.bundle_hash.chars().take(12).collect(),
                             format!("{} KiB", v.bundle_size.div_ceil(1024)),
                             ago(v.created_at_ms),
-                            v.error.as_deref().map(|e| e.lines().next().unwrap_or("").to_string()).unwrap_or_default(),
+                            v.error
+                                .as_deref()
+                                .map(|e| e.lines().next().unwrap_or("").to_string())
+                                .unwrap_or_default(),
                         ]
                     })
                     .collect(),
             );
         }
-        AppsCommand::Rollback { app, version, json, client } => {
+        AppsCommand::Rollback {
+            app,
+            version,
+            json,
+            client,
+        } => {
             let api = Api::from_args(&client)?;
-            let s: AppStatus = api.post(&format!("/v1/apps/{app}/rollback"), &RollbackRequest { version }).await?;
+            let s: AppStatus = api
+                .post(
+                    &format!("/v1/apps/{app}/rollback"),
+                    &RollbackRequest { version },
+                )
+                .await?;
             if json {
                 return print_json(&s);
             }
@@ -314,7 +358,10 @@ pub fn parse_dotenv(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
         let k = k.trim();
         stead_api::names::validate_env_key(k).map_err(|e| anyhow!("line {}: {e}", n + 1))?;
         let v = v.trim();
-        let v = if v.len() >= 2 && ((v.starts_with('"') && v.ends_with('"')) || (v.starts_with('\'') && v.ends_with('\''))) {
+        let v = if v.len() >= 2
+            && ((v.starts_with('"') && v.ends_with('"'))
+                || (v.starts_with('\'') && v.ends_with('\'')))
+        {
             v[1..v.len() - 1].to_string()
         } else {
             v.to_string()
@@ -326,12 +373,27 @@ pub fn parse_dotenv(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
 
 pub async fn env(cmd: EnvCommand) -> anyhow::Result<()> {
     match cmd {
-        EnvCommand::Set { app, pairs, secret, client } => {
+        EnvCommand::Set {
+            app,
+            pairs,
+            secret,
+            client,
+        } => {
             let api = Api::from_args(&client)?;
-            let vars = pairs.iter().map(|p| parse_pair(p)).collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+            let vars = pairs
+                .iter()
+                .map(|p| parse_pair(p))
+                .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
             let n = vars.len();
-            api.put(&format!("/v1/apps/{app}/env"), &EnvSetRequest { vars, secret }).await?;
-            println!("{app}: set {n} {}; new instances get them", if secret { "secret(s)" } else { "variable(s)" });
+            api.put(
+                &format!("/v1/apps/{app}/env"),
+                &EnvSetRequest { vars, secret },
+            )
+            .await?;
+            println!(
+                "{app}: set {n} {}; new instances get them",
+                if secret { "secret(s)" } else { "variable(s)" }
+            );
         }
         EnvCommand::Unset { app, keys, client } => {
             let api = Api::from_args(&client)?;
@@ -349,19 +411,42 @@ pub async fn env(cmd: EnvCommand) -> anyhow::Result<()> {
             table(
                 &["KEY", "VALUE", "SECRET"],
                 vars.iter()
-                    .map(|v| vec![v.key.clone(), v.value.clone(), if v.secret { "yes".into() } else { String::new() }])
+                    .map(|v| {
+                        vec![
+                            v.key.clone(),
+                            v.value.clone(),
+                            if v.secret {
+                                "yes".into()
+                            } else {
+                                String::new()
+                            },
+                        ]
+                    })
                     .collect(),
             );
         }
-        EnvCommand::Import { app, file, secret, client } => {
+        EnvCommand::Import {
+            app,
+            file,
+            secret,
+            client,
+        } => {
             let api = Api::from_args(&client)?;
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             let vars = parse_dotenv(&text).with_context(|| format!("in {}", file.display()))?;
             if vars.is_empty() {
-                bail!("{} has no KEY=VALUE lines; nothing imported", file.display());
+                bail!(
+                    "{} has no KEY=VALUE lines; nothing imported",
+                    file.display()
+                );
             }
             let n = vars.len();
-            api.put(&format!("/v1/apps/{app}/env"), &EnvSetRequest { vars, secret }).await?;
+            api.put(
+                &format!("/v1/apps/{app}/env"),
+                &EnvSetRequest { vars, secret },
+            )
+            .await?;
             println!("{app}: imported {n} variable(s) from {}", file.display());
         }
     }
@@ -387,14 +472,27 @@ pub struct LogsArgs {
 pub async fn logs(args: LogsArgs) -> anyhow::Result<()> {
     let api = Api::from_args(&args.client)?;
     let app = &args.app;
-    let mut lines: Vec<LogLine> = api.get(&format!("/v1/apps/{app}/logs?limit={}", args.lines)).await?;
+    let mut lines: Vec<LogLine> = api
+        .get(&format!("/v1/apps/{app}/logs?limit={}", args.lines))
+        .await?;
     let mut after = None;
     loop {
         for l in &lines {
             if args.json {
                 println!("{}", serde_json::to_string(l)?);
             } else {
-                println!("{} v{} {} {}| {}", l.instance, l.version, l.host, if l.stream == stead_api::LogStream::Stderr { "err " } else { "" }, l.line);
+                println!(
+                    "{} v{} {} {}| {}",
+                    l.instance,
+                    l.version,
+                    l.host,
+                    if l.stream == stead_api::LogStream::Stderr {
+                        "err "
+                    } else {
+                        ""
+                    },
+                    l.line
+                );
             }
             after = Some(l.seq);
         }
@@ -437,7 +535,16 @@ pub async fn hosts(cmd: HostsCommand) -> anyhow::Result<()> {
                 return print_json(&hosts);
             }
             table(
-                &["NAME", "ID", "STATE", "INSTANCES", "MEMORY", "CPUS", "BACKENDS", "HEARTBEAT"],
+                &[
+                    "NAME",
+                    "ID",
+                    "STATE",
+                    "INSTANCES",
+                    "MEMORY",
+                    "CPUS",
+                    "BACKENDS",
+                    "HEARTBEAT",
+                ],
                 hosts
                     .iter()
                     .map(|h| {

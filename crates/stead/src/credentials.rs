@@ -19,7 +19,9 @@ pub fn config_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("STEAD_CONFIG_DIR") {
         return PathBuf::from(d);
     }
-    dirs::config_dir().unwrap_or_else(std::env::temp_dir).join("stead")
+    dirs::config_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("stead")
 }
 
 pub fn path() -> PathBuf {

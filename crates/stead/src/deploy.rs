@@ -13,7 +13,10 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use stead_api::{AppConfig, AppStatus, BuildLogPage, DeployResponse, Event, InstanceState, LogLine, LogStream, ServerInfo, VersionState};
+use stead_api::{
+    AppConfig, AppStatus, BuildLogPage, DeployResponse, Event, InstanceState, LogLine, LogStream,
+    ServerInfo, VersionState,
+};
 use stead_bundle::PackOptions;
 
 use crate::api::{Api, ApiError};
@@ -39,7 +42,10 @@ pub struct DeployArgs {
 pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
     if !dir.is_dir() {
-        bail!("{} is not a folder: give the app folder to deploy", dir.display());
+        bail!(
+            "{} is not a folder: give the app folder to deploy",
+            dir.display()
+        );
     }
     let config = read_config(&dir)?;
     let app = args.app.clone().unwrap_or_else(|| config.name.clone());
@@ -49,16 +55,41 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let quiet = args.json;
 
     // 1. Pack.
-    let tmp = tempfile::Builder::new().prefix("stead-bundle-").suffix(".tar.zst").tempfile()?;
-    let spinner = if quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
-    spinner.set_style(ProgressStyle::with_template("{spinner} packing {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    let tmp = tempfile::Builder::new()
+        .prefix("stead-bundle-")
+        .suffix(".tar.zst")
+        .tempfile()?;
+    let spinner = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new_spinner()
+    };
+    spinner.set_style(
+        ProgressStyle::with_template("{spinner} packing {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     spinner.enable_steady_tick(Duration::from_millis(100));
     let (pack_dir, pack_file, sp) = (dir.clone(), tmp.path().to_path_buf(), spinner.clone());
     let stats = tokio::task::spawn_blocking(move || -> anyhow::Result<stead_bundle::PackStats> {
         let f = std::fs::File::create(&pack_file)?;
-        let opts = PackOptions { default_excludes: true, honour_steadignore: true };
-        let mut progress = |files: u64, bytes: u64| sp.set_message(format!("{files} files, {}", human(bytes)));
-        Ok(stead_bundle::pack_dir(&pack_dir, &opts, std::io::BufWriter::new(f), &mut progress)?)
+        let opts = PackOptions {
+            default_excludes: true,
+            honour_steadignore: true,
+        };
+        let mut progress =
+            |files: u64, bytes: u64| sp.set_message(format!("{files} files, {}", human(bytes)));
+        let stats =
+            stead_bundle::pack_dir(&pack_dir, &opts, std::io::BufWriter::new(f), &mut progress)?;
+        // Check the bundle as the server will, so a folder it would refuse
+        // (a link pointing outside, too large) fails before the upload.
+        let f = std::fs::File::open(&pack_file)?;
+        stead_bundle::inspect(
+            std::io::BufReader::new(f),
+            stead_bundle::Policy::Bundle,
+            &stead_bundle::Limits::default(),
+        )
+        .map_err(|e| anyhow!("{} cannot be deployed: {e}", pack_dir.display()))?;
+        Ok(stats)
     })
     .await??;
     spinner.finish_and_clear();
@@ -73,10 +104,27 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     }
 
     // 2. Upload, retried with the same idempotency key.
-    let key = format!("deploy-{}-{:016x}", stats.sha256.get(..16).unwrap_or(""), rand_u64());
-    let deployed = upload(&api, &app, tmp.path(), stats.compressed_bytes, &key, deadline, quiet).await?;
+    let key = format!(
+        "deploy-{}-{:016x}",
+        stats.sha256.get(..16).unwrap_or(""),
+        rand_u64()
+    );
+    let deployed = upload(
+        &api,
+        &app,
+        tmp.path(),
+        stats.compressed_bytes,
+        &key,
+        deadline,
+        quiet,
+    )
+    .await?;
     if !quiet {
-        eprintln!("Uploaded {app} as version v{} (bundle {})", deployed.version, &deployed.bundle_hash[..12.min(deployed.bundle_hash.len())]);
+        eprintln!(
+            "Uploaded {app} as version v{} (bundle {})",
+            deployed.version,
+            &deployed.bundle_hash[..12.min(deployed.bundle_hash.len())]
+        );
     }
 
     // 3. Follow the build.
@@ -90,7 +138,11 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
             serde_json::json!({"app": app, "version": deployed.version, "bundle_hash": deployed.bundle_hash, "url": url})
         );
     } else {
-        println!("{app} v{} is live{}", deployed.version, url.map(|u| format!(" at {u}")).unwrap_or_default());
+        println!(
+            "{app} v{} is live{}",
+            deployed.version,
+            url.map(|u| format!(" at {u}")).unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -106,7 +158,8 @@ fn read_config(dir: &Path) -> anyhow::Result<AppConfig> {
     };
     let toml = read(stead_api::config::STEAD_TOML)?;
     let yaml = read(stead_api::config::DBOS_CONFIG)?;
-    AppConfig::from_files(toml.as_deref(), yaml.as_deref()).map_err(|e| anyhow!("in {}: {e}", dir.display()))
+    AppConfig::from_files(toml.as_deref(), yaml.as_deref())
+        .map_err(|e| anyhow!("in {}: {e}", dir.display()))
 }
 
 fn rand_u64() -> u64 {
@@ -115,7 +168,10 @@ fn rand_u64() -> u64 {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
         .is_err()
     {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         return t as u64 ^ std::process::id() as u64;
     }
     u64::from_le_bytes(b)
@@ -138,7 +194,12 @@ pub fn human(bytes: u64) -> String {
 
 /// Runs `f` until it succeeds, a non-transient error, or the deadline;
 /// transient errors (control plane away or failing) are retried with backoff.
-async fn retrying<T, F, Fut>(what: &str, deadline: Instant, quiet: bool, mut f: F) -> anyhow::Result<T>
+async fn retrying<T, F, Fut>(
+    what: &str,
+    deadline: Instant,
+    quiet: bool,
+    mut f: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ApiError>>,
@@ -161,8 +222,20 @@ where
     }
 }
 
-async fn upload(api: &Api, app: &str, file: &Path, size: u64, key: &str, deadline: Instant, quiet: bool) -> anyhow::Result<DeployResponse> {
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(size) };
+async fn upload(
+    api: &Api,
+    app: &str,
+    file: &Path,
+    size: u64,
+    key: &str,
+    deadline: Instant,
+    quiet: bool,
+) -> anyhow::Result<DeployResponse> {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(size)
+    };
     bar.set_style(
         ProgressStyle::with_template("uploading [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -195,11 +268,19 @@ async fn upload(api: &Api, app: &str, file: &Path, size: u64, key: &str, deadlin
     result
 }
 
-async fn follow_build(api: &Api, app: &str, version: u32, deadline: Instant, quiet: bool) -> anyhow::Result<()> {
+async fn follow_build(
+    api: &Api,
+    app: &str,
+    version: u32,
+    deadline: Instant,
+    quiet: bool,
+) -> anyhow::Result<()> {
     let mut after = 0i64;
     loop {
-        let path = format!("/v1/apps/{app}/versions/{version}/build-log?after={after}&wait_ms=10000");
-        let page: BuildLogPage = retrying("following the build", deadline, quiet, || api.get(&path)).await?;
+        let path =
+            format!("/v1/apps/{app}/versions/{version}/build-log?after={after}&wait_ms=10000");
+        let page: BuildLogPage =
+            retrying("following the build", deadline, quiet, || api.get(&path)).await?;
         for l in &page.lines {
             after = after.max(l.seq);
             if !quiet {
@@ -228,32 +309,61 @@ async fn follow_build(api: &Api, app: &str, version: u32, deadline: Instant, qui
 /// Waits until `version` is the active version with a ready instance and a
 /// request through the router is answered by it. Fails early when the
 /// version's instances keep exiting before becoming ready.
-async fn wait_serving(api: &Api, app: &str, version: u32, deadline: Instant, quiet: bool) -> anyhow::Result<Option<String>> {
-    let info: ServerInfo = retrying("reading server info", deadline, quiet, || api.get("/v1/info")).await?;
+async fn wait_serving(
+    api: &Api,
+    app: &str,
+    version: u32,
+    deadline: Instant,
+    quiet: bool,
+) -> anyhow::Result<Option<String>> {
+    let info: ServerInfo = retrying("reading server info", deadline, quiet, || {
+        api.get("/v1/info")
+    })
+    .await?;
     let router_url = info.router_url.clone();
-    let spinner = if quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
+    let spinner = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new_spinner()
+    };
     spinner.set_message(format!("waiting for {app} v{version} to serve"));
     spinner.enable_steady_tick(Duration::from_millis(100));
     let mut events_after = 0i64;
     // Only exits after the deploy began count.
-    let initial: Vec<Event> = retrying("reading events", deadline, quiet, || api.get(&format!("/v1/apps/{app}/events"))).await?;
+    let events_path = format!("/v1/apps/{app}/events");
+    let initial: Vec<Event> =
+        retrying("reading events", deadline, quiet, || api.get(&events_path)).await?;
     if let Some(e) = initial.last() {
         events_after = e.seq;
     }
     let mut exits = Vec::new();
     let mut failed: Option<String> = None;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap_or_default();
     let result = loop {
-        let status: AppStatus = retrying("reading app status", deadline, quiet, || api.get(&format!("/v1/apps/{app}"))).await?;
+        let status_path = format!("/v1/apps/{app}");
+        let status: AppStatus = retrying("reading app status", deadline, quiet, || {
+            api.get(&status_path)
+        })
+        .await?;
         let ready = status.active_version == Some(version)
-            && status.instances.iter().any(|i| i.version == version && i.state == InstanceState::Ready);
+            && status
+                .instances
+                .iter()
+                .any(|i| i.version == version && i.state == InstanceState::Ready);
         if ready {
             match &router_url {
                 None => break Ok(status.url.clone()),
                 Some(router) => {
                     let url = format!("{}/apps/{app}/", router.trim_end_matches('/'));
                     if let Ok(resp) = http.get(&url).send().await {
-                        let v = resp.headers().get(stead_api::VERSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+                        let v = resp
+                            .headers()
+                            .get(stead_api::VERSION_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
                         if v.as_deref() == Some(version.to_string().as_str()) {
                             break Ok(status.url.clone().or(Some(url)));
                         }
@@ -261,10 +371,9 @@ async fn wait_serving(api: &Api, app: &str, version: u32, deadline: Instant, qui
                 }
             }
         }
-        let events: Vec<Event> = retrying("reading events", deadline, quiet, || {
-            api.get(&format!("/v1/apps/{app}/events?after={events_after}"))
-        })
-        .await?;
+        let events_path = format!("/v1/apps/{app}/events?after={events_after}");
+        let events: Vec<Event> =
+            retrying("reading events", deadline, quiet, || api.get(&events_path)).await?;
         for e in events {
             events_after = events_after.max(e.seq);
             let ev_version = e.data.get("version").and_then(|v| v.as_u64());
@@ -276,7 +385,10 @@ async fn wait_serving(api: &Api, app: &str, version: u32, deadline: Instant, qui
             }
         }
         if failed.is_some() || exits.len() >= 3 {
-            let logs: Vec<LogLine> = api.get(&format!("/v1/apps/{app}/logs?limit=20")).await.unwrap_or_default();
+            let logs: Vec<LogLine> = api
+                .get(&format!("/v1/apps/{app}/logs?limit=20"))
+                .await
+                .unwrap_or_default();
             let tail: Vec<String> = logs
                 .iter()
                 .filter(|l| l.version == version)

@@ -35,7 +35,11 @@ pub struct DevArgs {
 
 /// Reads a token kept in the data dir, or makes a new one with `create`
 /// when there is none or the database no longer knows it.
-async fn persistent_token<F, Fut>(store: &stead_store::Store, path: &Path, create: F) -> anyhow::Result<String>
+async fn persistent_token<F, Fut>(
+    store: &stead_store::Store,
+    path: &Path,
+    create: F,
+) -> anyhow::Result<String>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<String, stead_store::StoreError>>,
@@ -66,8 +70,12 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let data_dir = args.data_dir.clone().unwrap_or_else(crate::default_data_dir);
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating the data folder {}", data_dir.display()))?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::default_data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating the data folder {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     let db_path = data_dir.join("stead.db");
     let database_url = format!("sqlite://{}", db_path.display());
@@ -75,22 +83,38 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let router_url = format!("http://{}", args.router_listen);
 
     let store = stead_store::Store::connect(&database_url).await?;
-    let user_token = persistent_token(&store, &data_dir.join("dev-token"), || store.create_user_token("default", "dev")).await?;
-    let host_token = persistent_token(&store, &data_dir.join("host-token"), || store.create_host_token()).await?;
+    let user_token = persistent_token(&store, &data_dir.join("dev-token"), || {
+        store.create_user_token("default", "dev")
+    })
+    .await?;
+    let host_token = persistent_token(&store, &data_dir.join("host-token"), || {
+        store.create_host_token()
+    })
+    .await?;
     store.close().await;
 
-    let mut config = stead_server::ServerConfig::new(database_url, args.api_listen, data_dir.join("server"));
+    let mut config =
+        stead_server::ServerConfig::new(database_url, args.api_listen, data_dir.join("server"));
     config.router_url = Some(router_url.clone());
     config.domain = args.domain.clone();
     std::fs::create_dir_all(&config.data_dir)?;
-    let server = stead_server::Server::bind(config)
-        .await
-        .map_err(|e| anyhow!("could not start the control plane on {}: {e}", args.api_listen))?;
+    let server = stead_server::Server::bind(config).await.map_err(|e| {
+        anyhow!(
+            "could not start the control plane on {}: {e}",
+            args.api_listen
+        )
+    })?;
 
-    let source = Arc::new(stead_router::ApiRouteSource::new(vec![api_url.clone()], host_token.clone()));
-    let router = stead_router::Router::bind(services::router_config(args.router_listen, args.domain.clone()), source)
-        .await
-        .map_err(|e| anyhow!("could not start the router on {}: {e}", args.router_listen))?;
+    let source = Arc::new(stead_router::ApiRouteSource::new(
+        vec![api_url.clone()],
+        host_token.clone(),
+    ));
+    let router = stead_router::Router::bind(
+        services::router_config(args.router_listen, args.domain.clone()),
+        source,
+    )
+    .await
+    .map_err(|e| anyhow!("could not start the router on {}: {e}", args.router_listen))?;
 
     let init = std::env::current_exe().context("finding the stead binary for the sandbox init")?;
     let mut agent_config = stead_agent::AgentConfig::new(
@@ -103,7 +127,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     agent_config.stop_instances_on_exit = true;
 
     if !args.no_login {
-        let path = credentials::save(&Credentials { api: api_url.clone(), token: user_token.clone() })?;
+        let path = credentials::save(&Credentials {
+            api: api_url.clone(),
+            token: user_token.clone(),
+        })?;
         tracing::info!(path = %path.display(), "wrote CLI credentials");
     }
 
@@ -121,8 +148,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     eprintln!();
     eprintln!("Stead is running (data in {})", data_dir.display());
     eprintln!("  control plane: {api_url}");
-    eprintln!("  router:        {router_url}  (apps at http://<app>.{}:{} or {router_url}/apps/<app>/)", args.domain, args.router_listen.port());
-    eprintln!("  token:         stored for the CLI in {}", credentials::path().display());
+    eprintln!(
+        "  router:        {router_url}  (apps at http://<app>.{}:{} or {router_url}/apps/<app>/)",
+        args.domain,
+        args.router_listen.port()
+    );
+    eprintln!(
+        "  token:         stored for the CLI in {}",
+        credentials::path().display()
+    );
     eprintln!();
     eprintln!("Deploy an app from another terminal:  stead deploy examples/hello-rust");
     eprintln!("Stop with Ctrl-C.");
@@ -134,7 +168,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             app: None,
             timeout: 600,
             json: false,
-            client: crate::ClientArgs { api: Some(api_url.clone()), token: Some(user_token.clone()) },
+            client: crate::ClientArgs {
+                api: Some(api_url.clone()),
+                token: Some(user_token.clone()),
+            },
         };
         tokio::select! {
             r = crate::deploy::run(deploy) => {

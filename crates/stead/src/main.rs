@@ -13,7 +13,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "stead", version, about = "Stead: a self-hosted stateful serverless platform")]
+#[command(
+    name = "stead",
+    version,
+    about = "Stead: a self-hosted stateful serverless platform"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -78,7 +82,10 @@ fn main() {
     }
     let cli = Cli::parse();
     init_tracing(&cli.command);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: could not start the async runtime: {e}");
@@ -93,11 +100,21 @@ fn main() {
 }
 
 fn init_tracing(command: &Command) {
-    let is_service = matches!(command, Command::Dev(_) | Command::Server(_) | Command::Agent(_) | Command::Router(_));
-    let default = if is_service { "info,sqlx=warn,hyper=warn" } else { "warn" };
+    let is_service = matches!(
+        command,
+        Command::Dev(_) | Command::Server(_) | Command::Agent(_) | Command::Router(_)
+    );
+    let default = if is_service {
+        "info,sqlx=warn,hyper=warn"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("STEAD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -119,5 +136,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 /// The data directory `stead dev` uses when none is given.
 pub fn default_data_dir() -> PathBuf {
-    dirs::data_dir().unwrap_or_else(std::env::temp_dir).join("stead")
+    dirs::data_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("stead")
 }

@@ -99,7 +99,8 @@ pub async fn shutdown_signal() {
 }
 
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let mut config = stead_server::ServerConfig::new(args.database, args.listen, args.data_dir);
     config.router_url = args.router_url;
     config.domain = args.domain;
@@ -121,7 +122,8 @@ fn nix_hostname() -> Option<String> {
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let init = std::env::current_exe().context("finding the stead binary for the sandbox init")?;
     let mut config = stead_agent::AgentConfig::new(
         args.server,
@@ -156,12 +158,19 @@ pub fn router_config(listen: SocketAddr, domain: String) -> stead_router::Router
 
 pub async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
     match cmd {
-        TokensCommand::Create { database, org, user, host } => {
+        TokensCommand::Create {
+            database,
+            org,
+            user,
+            host,
+        } => {
             let store = stead_store::Store::connect(&database).await?;
             let token = if host {
                 store.create_host_token().await?
             } else {
-                let Some(org) = org else { bail!("give --org NAME for a user token, or --host for a host token") };
+                let Some(org) = org else {
+                    bail!("give --org NAME for a user token, or --host for a host token")
+                };
                 store.create_user_token(&org, &user).await?
             };
             println!("{token}");

@@ -19,7 +19,12 @@ fn spawn_deploy(dev: &Dev, dir: &std::path::Path, log: &std::path::Path) -> Chil
         .expect("spawn deploy")
 }
 
-fn wait_child(child: &mut Child, within: Duration, what: &str, log: &std::path::Path) -> std::process::ExitStatus {
+fn wait_child(
+    child: &mut Child,
+    within: Duration,
+    what: &str,
+    log: &std::path::Path,
+) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
         if let Ok(Some(s)) = child.try_wait() {
@@ -27,7 +32,10 @@ fn wait_child(child: &mut Child, within: Duration, what: &str, log: &std::path::
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("{what} did not finish within {within:?}; its output:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            panic!(
+                "{what} did not finish within {within:?}; its output:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -36,7 +44,11 @@ fn wait_child(child: &mut Child, within: Duration, what: &str, log: &std::path::
 fn assert_one_ready_version(dev: &Dev, app: &str) {
     let versions = dev.json(&["apps", "versions", app, "--json"]);
     let versions = versions.as_array().expect("array");
-    assert_eq!(versions.len(), 1, "exactly one version expected: {versions:?}");
+    assert_eq!(
+        versions.len(),
+        1,
+        "exactly one version expected: {versions:?}"
+    );
     assert_eq!(versions[0]["number"], 1);
     assert_eq!(versions[0]["state"], "ready");
 }
@@ -49,11 +61,20 @@ fn crash_at_failpoint(failpoint: &str) {
     let mut deploy = spawn_deploy(&dev, &app, &log);
     // The control plane exits (status 86) at the failpoint.
     let status = dev.wait_exit(Duration::from_secs(60));
-    assert_eq!(status.code(), Some(86), "dev should die at {failpoint}; log:\n{}", tail(&dev.log_text(), 40));
+    assert_eq!(
+        status.code(),
+        Some(86),
+        "dev should die at {failpoint}; log:\n{}",
+        tail(&dev.log_text(), 40)
+    );
     dev.restart(&[]);
     let status = wait_child(&mut deploy, Duration::from_secs(240), "the deploy", &log);
     let out = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(status.success(), "deploy after {failpoint} crash failed:\n{out}\ndev log:\n{}", tail(&dev.log_text(), 60));
+    assert!(
+        status.success(),
+        "deploy after {failpoint} crash failed:\n{out}\ndev log:\n{}",
+        tail(&dev.log_text(), 60)
+    );
     assert!(out.contains("hello-python v1 is live"), "{out}");
     assert_one_ready_version(&dev, "hello-python");
     dev.wait_body("hello-python", "version 1", Duration::from_secs(30));
@@ -79,14 +100,21 @@ fn platform_killed_while_build_runs() {
     let toml = std::fs::read_to_string(app.join("stead.toml")).expect("read");
     let toml = toml.replace(
         "commands = [\"python3 -m py_compile app.py\"]",
-        &format!("commands = [\"touch {} && sleep 3\", \"python3 -m py_compile app.py\"]", marker.display()),
+        &format!(
+            "commands = [\"touch {} && sleep 3\", \"python3 -m py_compile app.py\"]",
+            marker.display()
+        ),
     );
     std::fs::write(app.join("stead.toml"), toml).expect("write");
     let log = tmp.path().join("deploy.log");
     let mut deploy = spawn_deploy(&dev, &app, &log);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !marker.exists() {
-        assert!(Instant::now() < deadline, "the build never started; log:\n{}", tail(&dev.log_text(), 40));
+        assert!(
+            Instant::now() < deadline,
+            "the build never started; log:\n{}",
+            tail(&dev.log_text(), 40)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // SIGKILL: no chance to clean up.
@@ -95,8 +123,15 @@ fn platform_killed_while_build_runs() {
     dev.restart(&[]);
     let status = wait_child(&mut deploy, Duration::from_secs(240), "the deploy", &log);
     let out = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(status.success(), "deploy after a crash mid-build failed:\n{out}\ndev log:\n{}", tail(&dev.log_text(), 60));
-    assert!(marker.exists(), "the build should have run again after the restart");
+    assert!(
+        status.success(),
+        "deploy after a crash mid-build failed:\n{out}\ndev log:\n{}",
+        tail(&dev.log_text(), 60)
+    );
+    assert!(
+        marker.exists(),
+        "the build should have run again after the restart"
+    );
     assert_one_ready_version(&dev, "hello-python");
     dev.wait_body("hello-python", "version 1", Duration::from_secs(30));
 }
@@ -114,7 +149,13 @@ fn tokens_of_another_organisation_see_nothing() {
         .expect("tokens create");
     assert!(out.status.success(), "{}", common::stderr(&out));
     let other = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let run = |args: &[&str]| dev.cli().env("STEAD_TOKEN", &other).args(args).output().expect("run");
+    let run = |args: &[&str]| {
+        dev.cli()
+            .env("STEAD_TOKEN", &other)
+            .args(args)
+            .output()
+            .expect("run")
+    };
     let out = run(&["apps", "list", "--json"]);
     assert!(out.status.success(), "{}", common::stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
@@ -130,7 +171,11 @@ fn tokens_of_another_organisation_see_nothing() {
     // Deploying under a name another org holds is refused.
     let out = run(&["deploy", app.to_str().expect("path")]);
     assert!(!out.status.success());
-    assert!(common::stderr(&out).contains("taken") || common::stderr(&out).contains("another"), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("taken") || common::stderr(&out).contains("another"),
+        "{}",
+        common::stderr(&out)
+    );
     // The owner still has it.
     let (status, _, _) = dev.get("hello-python", "/");
     assert_eq!(status, 200);

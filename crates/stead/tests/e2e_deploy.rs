@@ -19,7 +19,10 @@ fn rust_example_deploy_change_rollback_and_restart() {
     let (status, version, body) = dev.get("hello-rust", "/");
     assert_eq!(status, 200, "{body}");
     assert_eq!(version.as_deref(), Some("1"));
-    assert!(body.starts_with("Hello from Stead (app hello-rust, version 1"), "{body}");
+    assert!(
+        body.starts_with("Hello from Stead (app hello-rust, version 1"),
+        "{body}"
+    );
     // By host name too.
     let (status, body) = dev.get_host("hello-rust", "/");
     assert_eq!(status, 200);
@@ -31,21 +34,35 @@ fn rust_example_deploy_change_rollback_and_restart() {
     // A changed version replaces it.
     let main_rs = app_dir.join("src/main.rs");
     let code = std::fs::read_to_string(&main_rs).expect("read");
-    std::fs::write(&main_rs, code.replace("\"Hello from Stead\"", "\"Hello again from Stead\"")).expect("write");
+    std::fs::write(
+        &main_rs,
+        code.replace("\"Hello from Stead\"", "\"Hello again from Stead\""),
+    )
+    .expect("write");
     let out = dev.ok(&["deploy", app_dir.to_str().expect("path")]);
     assert!(out.contains("hello-rust v2 is live"), "{out}");
     let (status, version, body) = dev.get("hello-rust", "/");
     assert_eq!((status, version.as_deref()), (200, Some("2")), "{body}");
-    assert!(body.starts_with("Hello again from Stead (app hello-rust, version 2"), "{body}");
+    assert!(
+        body.starts_with("Hello again from Stead (app hello-rust, version 2"),
+        "{body}"
+    );
 
     let versions = dev.json(&["apps", "versions", "hello-rust", "--json"]);
     let versions = versions.as_array().expect("array");
     assert_eq!(versions.len(), 2);
-    assert!(versions.iter().all(|v| v["state"] == "ready"), "{versions:?}");
+    assert!(
+        versions.iter().all(|v| v["state"] == "ready"),
+        "{versions:?}"
+    );
 
     // Rollback re-uses version 1's build: no new version, old response back.
     dev.ok(&["apps", "rollback", "hello-rust"]);
-    dev.wait_body("hello-rust", "Hello from Stead (app hello-rust, version 1", Duration::from_secs(30));
+    dev.wait_body(
+        "hello-rust",
+        "Hello from Stead (app hello-rust, version 1",
+        Duration::from_secs(30),
+    );
     let versions = dev.json(&["apps", "versions", "hello-rust", "--json"]);
     assert_eq!(versions.as_array().map(Vec::len), Some(2));
 
@@ -67,9 +84,17 @@ fn rust_example_deploy_change_rollback_and_restart() {
     // Restart the whole platform: the app serves again without a deploy.
     dev.stop();
     dev.restart(&[]);
-    dev.wait_body("hello-rust", "Hello from Stead (app hello-rust, version 1", Duration::from_secs(60));
+    dev.wait_body(
+        "hello-rust",
+        "Hello from Stead (app hello-rust, version 1",
+        Duration::from_secs(60),
+    );
     let versions = dev.json(&["apps", "versions", "hello-rust", "--json"]);
-    assert_eq!(versions.as_array().map(Vec::len), Some(2), "restart must not create versions");
+    assert_eq!(
+        versions.as_array().map(Vec::len),
+        Some(2),
+        "restart must not create versions"
+    );
 }
 
 #[test]
@@ -83,7 +108,10 @@ fn python_example_deploys_and_answers() {
     assert_eq!(v["version"], 1);
     let (status, version, body) = dev.get("hello-python", "/");
     assert_eq!((status, version.as_deref()), (200, Some("1")), "{body}");
-    assert!(body.starts_with("Hello from Python on Stead (app hello-python, version 1"), "{body}");
+    assert!(
+        body.starts_with("Hello from Python on Stead (app hello-python, version 1"),
+        "{body}"
+    );
 
     // Listings have --json and name the app.
     let apps = dev.json(&["apps", "list", "--json"]);
@@ -94,17 +122,34 @@ fn python_example_deploys_and_answers() {
 
     // Environment: set, masked secret, visible to new instances.
     dev.ok(&["env", "set", "hello-python", "GREETING=hi", "OTHER=x"]);
-    dev.ok(&["env", "set", "hello-python", "--secret", "API_KEY=supersecretvalue123"]);
+    dev.ok(&[
+        "env",
+        "set",
+        "hello-python",
+        "--secret",
+        "API_KEY=supersecretvalue123",
+    ]);
     let env = dev.json(&["env", "list", "hello-python", "--json"]);
     let text = env.to_string();
-    assert!(text.contains("GREETING") && text.contains("\"hi\""), "{text}");
-    assert!(!text.contains("supersecretvalue123"), "secret printed back in full: {text}");
+    assert!(
+        text.contains("GREETING") && text.contains("\"hi\""),
+        "{text}"
+    );
+    assert!(
+        !text.contains("supersecretvalue123"),
+        "secret printed back in full: {text}"
+    );
     dev.ok(&["env", "unset", "hello-python", "OTHER"]);
     let env = dev.json(&["env", "list", "hello-python", "--json"]);
     assert!(!env.to_string().contains("OTHER"), "{env}");
     let dotenv = tmp.path().join("x.env");
     std::fs::write(&dotenv, "# comment\nIMPORTED=\"yes please\"\n").expect("write");
-    dev.ok(&["env", "import", "hello-python", dotenv.to_str().expect("path")]);
+    dev.ok(&[
+        "env",
+        "import",
+        "hello-python",
+        dotenv.to_str().expect("path"),
+    ]);
     let env = dev.json(&["env", "list", "hello-python", "--json"]);
     assert!(env.to_string().contains("yes please"), "{env}");
 }
@@ -126,28 +171,45 @@ fn failing_builds_and_bad_input_fail_clearly() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("error: no such crate"), "{err}");
-    assert!(err.contains("exited with status 3") || err.contains("status 3"), "{err}");
+    assert!(
+        err.contains("exited with status 3") || err.contains("status 3"),
+        "{err}"
+    );
     let versions = dev.json(&["apps", "versions", "bad-build", "--json"]);
     assert_eq!(versions[0]["state"], "failed", "{versions}");
 
     // A start command that exits at once: the deploy fails and says so.
     let crash = tmp.path().join("crashy");
     std::fs::create_dir_all(&crash).expect("mkdir");
-    std::fs::write(crash.join("stead.toml"), "name = \"crashy\"\n[run]\nstart = \"echo starting; exit 7\"\n").expect("write");
+    std::fs::write(
+        crash.join("stead.toml"),
+        "name = \"crashy\"\n[run]\nstart = \"echo starting; exit 7\"\n",
+    )
+    .expect("write");
     let out = dev.run(&["deploy", crash.to_str().expect("path"), "--timeout", "120"]);
-    assert!(!out.status.success(), "a crashing start command must fail the deploy");
+    assert!(
+        !out.status.success(),
+        "a crashing start command must fail the deploy"
+    );
     let err = stderr(&out);
     assert!(err.contains("exit") && err.contains("crashy"), "{err}");
 
     // Unknown keys in stead.toml: refused before anything is uploaded.
     let typo = tmp.path().join("typo");
     std::fs::create_dir_all(&typo).expect("mkdir");
-    std::fs::write(typo.join("stead.toml"), "name = \"typo\"\n[run]\nstart = \"x\"\nprot = 80\n").expect("write");
+    std::fs::write(
+        typo.join("stead.toml"),
+        "name = \"typo\"\n[run]\nstart = \"x\"\nprot = 80\n",
+    )
+    .expect("write");
     let out = dev.run(&["deploy", typo.to_str().expect("path")]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("prot"), "{}", stderr(&out));
     let out = dev.run(&["apps", "status", "typo"]);
-    assert!(!out.status.success(), "no app may be created by a refused deploy");
+    assert!(
+        !out.status.success(),
+        "no app may be created by a refused deploy"
+    );
 
     // Invalid app name.
     let out = dev.run(&["deploy", typo.to_str().expect("path"), "--app", "Bad_Name"]);
@@ -162,10 +224,24 @@ fn failing_builds_and_bad_input_fail_clearly() {
     assert!(stderr(&out).contains("stead.toml"), "{}", stderr(&out));
 
     // Bad tokens.
-    let out = dev.cli().env("STEAD_TOKEN", "stead_not-a-real-token").args(["apps", "list"]).output().expect("run");
+    let out = dev
+        .cli()
+        .env("STEAD_TOKEN", "stead_not-a-real-token")
+        .args(["apps", "list"])
+        .output()
+        .expect("run");
     assert!(!out.status.success());
-    assert!(stderr(&out).to_lowercase().contains("token"), "{}", stderr(&out));
-    let out = dev.cli().env("STEAD_TOKEN", "garbage").args(["apps", "list"]).output().expect("run");
+    assert!(
+        stderr(&out).to_lowercase().contains("token"),
+        "{}",
+        stderr(&out)
+    );
+    let out = dev
+        .cli()
+        .env("STEAD_TOKEN", "garbage")
+        .args(["apps", "list"])
+        .output()
+        .expect("run");
     assert!(!out.status.success());
 
     // Unknown app.

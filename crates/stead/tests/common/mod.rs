@@ -11,11 +11,18 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_stead");
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// Copies an example app into `dest` (without build outputs).
@@ -84,12 +91,19 @@ impl Dev {
 
     pub fn spawn(&mut self, env: &[(&str, &str)]) {
         self.starts += 1;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let mut cmd = Command::new(BIN);
         cmd.args(["dev", "--data-dir"])
             .arg(&self.data_dir)
             .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
-            .args(["--router-listen", &format!("127.0.0.1:{}", self.router_port)])
+            .args([
+                "--router-listen",
+                &format!("127.0.0.1:{}", self.router_port),
+            ])
             .env("STEAD_CONFIG_DIR", &self.config_dir)
             .env("STEAD_LOG", "info,sqlx=warn")
             .stdin(Stdio::null())
@@ -104,9 +118,16 @@ impl Dev {
     /// Waits for the API and the router to answer their health endpoints.
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(2)).build().expect("client");
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("client");
         loop {
-            let api_ok = client.get(format!("{}/v1/health", self.api())).send().map(|r| r.status().is_success()).unwrap_or(false);
+            let api_ok = client
+                .get(format!("{}/v1/health", self.api()))
+                .send()
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
             let router_ok = client
                 .get(format!("{}/_stead/health", self.router()))
                 .send()
@@ -115,20 +136,37 @@ impl Dev {
             if api_ok && router_ok {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("stead dev exited during startup with {status}; log:\n{}", self.log_text());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "stead dev exited during startup with {status}; log:\n{}",
+                    self.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "stead dev not ready after 60 s; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "stead dev not ready after 60 s; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn token(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("dev-token")).expect("dev token").trim().to_string()
+        std::fs::read_to_string(self.data_dir.join("dev-token"))
+            .expect("dev token")
+            .trim()
+            .to_string()
     }
 
     pub fn host_token(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("host-token")).expect("host token").trim().to_string()
+        std::fs::read_to_string(self.data_dir.join("host-token"))
+            .expect("host token")
+            .trim()
+            .to_string()
     }
 
     pub fn log_text(&self) -> String {
@@ -167,7 +205,12 @@ impl Dev {
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.ok(args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("`stead {}` printed invalid JSON ({e}):\n{out}", args.join(" ")))
+        serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!(
+                "`stead {}` printed invalid JSON ({e}):\n{out}",
+                args.join(" ")
+            )
+        })
     }
 
     /// Stops `stead dev` gracefully (SIGTERM), bounded.
@@ -182,7 +225,10 @@ impl Dev {
                 if Instant::now() > deadline {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!("stead dev did not stop within 30 s of SIGTERM; log:\n{}", tail(&self.log_text(), 60));
+                    panic!(
+                        "stead dev did not stop within 30 s of SIGTERM; log:\n{}",
+                        tail(&self.log_text(), 60)
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -207,7 +253,10 @@ impl Dev {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("stead dev did not exit within {within:?}; log:\n{}", tail(&self.log_text(), 60));
+                panic!(
+                    "stead dev did not exit within {within:?}; log:\n{}",
+                    tail(&self.log_text(), 60)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -220,11 +269,21 @@ impl Dev {
 
     /// GET through the router with the `/apps/<app>` prefix.
     pub fn get(&self, app: &str, path: &str) -> (u16, Option<String>, String) {
-        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
-        match client.get(format!("{}/apps/{app}{path}", self.router())).send() {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        match client
+            .get(format!("{}/apps/{app}{path}", self.router()))
+            .send()
+        {
             Ok(r) => {
                 let status = r.status().as_u16();
-                let version = r.headers().get("x-stead-version").and_then(|v| v.to_str().ok()).map(str::to_string);
+                let version = r
+                    .headers()
+                    .get("x-stead-version")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
                 (status, version, r.text().unwrap_or_default())
             }
             Err(e) => (0, None, e.to_string()),
@@ -233,8 +292,15 @@ impl Dev {
 
     /// GET through the router by host name.
     pub fn get_host(&self, app: &str, path: &str) -> (u16, String) {
-        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
-        match client.get(format!("{}{path}", self.router())).header("host", format!("{app}.localhost")).send() {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        match client
+            .get(format!("{}{path}", self.router()))
+            .header("host", format!("{app}.localhost"))
+            .send()
+        {
             Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
             Err(e) => (0, e.to_string()),
         }
@@ -274,7 +340,10 @@ impl Drop for Dev {
 }
 
 fn nix_kill(pid: i32, sig: i32) -> std::io::Result<()> {
-    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?;
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
     if status.success() {
         Ok(())
     } else {
