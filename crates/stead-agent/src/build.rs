@@ -257,7 +257,8 @@ async fn build(
     for (n, (kind, command)) in steps.enumerate() {
         let _ = log.send(system_line(format!("$ {command}")));
         let spec = SandboxSpec {
-            id: format!("build-{}-{}", task.id, n),
+            // Unique per attempt: several platforms may share one host.
+            id: format!("build-{}-{}-{:08x}", task.id, n, rand::random::<u32>()),
             cwd: dir.clone(),
             command: command.clone(),
             env: env.clone(),

@@ -212,7 +212,7 @@ fn failing_builds_and_bad_input_fail_clearly() {
     );
 
     // Invalid app name.
-    let out = dev.run(&["deploy", typo.to_str().expect("path"), "--app", "Bad_Name"]);
+    let out = dev.run(&["deploy", crash.to_str().expect("path"), "--app", "Bad_Name"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("app name"), "{}", stderr(&out));
 
