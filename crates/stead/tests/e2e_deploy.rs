@@ -142,6 +142,54 @@ fn python_example_deploys_and_answers() {
     dev.ok(&["env", "unset", "hello-python", "OTHER"]);
     let env = dev.json(&["env", "list", "hello-python", "--json"]);
     assert!(!env.to_string().contains("OTHER"), "{env}");
+    // The CLI finds the credentials `stead dev` stored, without flags.
+    let out = std::process::Command::new(common::BIN)
+        .env("STEAD_CONFIG_DIR", &dev.config_dir)
+        .env_remove("STEAD_API")
+        .env_remove("STEAD_TOKEN")
+        .args(["apps", "list", "--json"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello-python"));
+
+    // The OpenAPI document is served and names the deploy endpoint.
+    let doc: serde_json::Value = reqwest::blocking::get(format!("{}/v1/openapi.json", dev.api()))
+        .expect("openapi")
+        .json()
+        .expect("json");
+    assert!(doc["paths"]["/v1/apps/{app}/deploy"].is_object(), "{doc}");
+
+    // A crash of the whole platform (SIGKILL) leaves the instance running;
+    // the restarted agent adopts it rather than starting a second one.
+    let before = dev.json(&["apps", "status", "hello-python", "--json"]);
+    let ids: Vec<String> = before["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "{before}");
+    let mut dev = dev;
+    dev.crash();
+    dev.restart(&[]);
+    dev.wait_body(
+        "hello-python",
+        &format!("instance {}", ids[0]),
+        Duration::from_secs(30),
+    );
+    let after = dev.json(&["apps", "status", "hello-python", "--json"]);
+    let after_ids: Vec<String> = after["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        after_ids, ids,
+        "the adopted instance must be the only one: {after}"
+    );
+
     let dotenv = tmp.path().join("x.env");
     std::fs::write(&dotenv, "# comment\nIMPORTED=\"yes please\"\n").expect("write");
     dev.ok(&[
@@ -248,4 +296,58 @@ fn failing_builds_and_bad_input_fail_clearly() {
     let out = dev.run(&["apps", "status", "no-such-app"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no-such-app"), "{}", stderr(&out));
+
+    // A hostile bundle sent straight to the API: 400, nothing created.
+    let bundle = hostile_bundle();
+    let resp = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/apps/evil-app/deploy", dev.api()))
+        .bearer_auth(dev.token())
+        .body(bundle)
+        .send()
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: serde_json::Value = resp.json().expect("json error body");
+    assert!(
+        body["message"].as_str().unwrap_or("").contains(".."),
+        "{body}"
+    );
+    let out = dev.run(&["apps", "status", "evil-app"]);
+    assert!(
+        !out.status.success(),
+        "a rejected bundle must not create the app"
+    );
+    // Garbage instead of zstd.
+    let resp = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/apps/evil-app/deploy", dev.api()))
+        .bearer_auth(dev.token())
+        .body("this is not an archive")
+        .send()
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 400);
+}
+
+/// A tar+zstd archive with a valid stead.toml and an entry escaping the root.
+fn hostile_bundle() -> Vec<u8> {
+    let mut raw = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut raw);
+        let toml = b"name = \"evil-app\"\n[run]\nstart = \"true\"\n";
+        let mut h = tar::Header::new_gnu();
+        h.set_size(toml.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "stead.toml", &toml[..])
+            .expect("append");
+        let evil = b"pwned";
+        let mut h = tar::Header::new_gnu();
+        h.set_size(evil.len() as u64);
+        h.set_mode(0o644);
+        // Written by hand: the tar crate refuses `..` in set_path.
+        let name = b"../../etc/evil";
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_cksum();
+        b.append(&h, &evil[..]).expect("append");
+        b.finish().expect("finish");
+    }
+    zstd::encode_all(&raw[..], 3).expect("zstd")
 }
