@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::{mpsc, Arc, Mutex};
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
 struct Request {
@@ -91,6 +91,19 @@ async fn socket_inside(netns: &Arc<OwnedFd>) -> io::Result<OwnedFd> {
     }
     rx.await
         .map_err(|_| io::Error::other("the netns helper thread dropped the request"))?
+}
+
+/// A listening socket bound to 127.0.0.1:`port` inside `netns`. The socket
+/// was created in the namespace, so it listens on the namespace's loopback;
+/// bind and listen work from any thread (a socket keeps its namespace).
+pub(crate) async fn listen_inside(netns: &Arc<OwnedFd>, port: u16) -> io::Result<TcpListener> {
+    let fd = socket_inside(netns).await?;
+    // SAFETY: fd is an AF_INET stream socket we own, in non-blocking mode.
+    let socket = unsafe { TcpSocket::from_raw_fd(fd.into_raw_fd()) };
+    // A port a previous listener used stays in TIME_WAIT for a while.
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    socket.listen(1024)
 }
 
 /// Connects to 127.0.0.1:`port` inside `netns`.

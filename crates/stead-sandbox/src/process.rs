@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::io::Interest;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::sync::watch;
 
@@ -691,6 +691,25 @@ impl SandboxProcess {
                 ),
             )),
             Netns::Host => TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await,
+        }
+    }
+
+    /// A listener bound to 127.0.0.1:`port` inside the sandbox's network
+    /// namespace, accepted from the host: how the agent exposes a service
+    /// the app may use (its own database) at a loopback address inside the
+    /// sandbox, without giving the sandbox any route to the host. For
+    /// [`NetworkMode::Host`] it binds the host's 127.0.0.1:`port`.
+    pub async fn listen(&self, port: u16) -> io::Result<TcpListener> {
+        match &self.netns {
+            Netns::Isolated(Some(ns)) => netns::listen_inside(ns, port).await,
+            Netns::Isolated(None) => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!(
+                    "sandbox {} exited before its network namespace could be opened",
+                    self.id
+                ),
+            )),
+            Netns::Host => TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await,
         }
     }
 

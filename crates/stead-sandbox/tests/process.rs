@@ -287,6 +287,68 @@ async fn connect_reaches_a_server_inside_the_sandbox() {
     assert_cgroup_gone(&p);
 }
 
+// What the agent will do for an app's database: a listener inside the
+// sandbox's namespace, proxied to a server on the host's loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_exposes_a_host_service_inside_the_sandbox() {
+    let sb = sandbox();
+    let host_server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host_addr = host_server.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = host_server.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                let reply = format!("host saw {:?}", String::from_utf8_lossy(&buf[..n]));
+                let _ = c.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    let inner_port = 5432;
+    let script = format!(
+        "import socket, time\n\
+         for _ in range(400):\n\
+         \x20   try:\n\
+         \x20       s = socket.create_connection(('127.0.0.1', {inner_port}), timeout=2)\n\
+         \x20       break\n\
+         \x20   except OSError:\n\
+         \x20       time.sleep(0.01)\n\
+         s.sendall(b'ping')\n\
+         print(s.recv(100).decode())\n"
+    );
+    let mut p = sb
+        .spawn(spec("listen", &format!("exec python3 -c \"{script}\"")))
+        .await
+        .unwrap();
+    let listener = p.listen(inner_port).await.expect("listen inside");
+    assert_eq!(
+        listener.local_addr().unwrap(),
+        "127.0.0.1:5432".parse().unwrap()
+    );
+    // Nothing on the host's 127.0.0.1:5432 was taken by it.
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(host_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut up).await;
+                }
+            });
+        }
+    });
+    let r = collect(&mut p).await;
+    assert_eq!(r.exit.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), "host saw \"ping\"");
+    // The same port can be listened on again in another sandbox: each has
+    // its own loopback.
+    let q = sb.spawn(spec("listen2", "exec sleep 30")).await.unwrap();
+    let l2 = q
+        .listen(inner_port)
+        .await
+        .expect("second sandbox, same port");
+    drop(l2);
+    bounded("stop", q.stop(Duration::from_secs(1))).await;
+}
+
 #[tokio::test]
 async fn connect_with_host_network() {
     let sb = sandbox();
