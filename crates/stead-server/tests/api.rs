@@ -466,8 +466,15 @@ async fn build_flow(s: TestServer) {
     .await;
     assert!(page["lines"].as_array().unwrap().is_empty());
 
+    // Built, the version is the target: it runs, but is not active yet.
     let (_, status) = send(s.user(Method::GET, "/v1/apps/flow")).await;
-    assert_eq!(status["active_version"], 1);
+    assert!(status["active_version"].is_null(), "{status}");
+    assert_eq!(status["target_version"], 1);
+    let (_, v1) = send(s.user(Method::GET, "/v1/apps/flow/versions/1")).await;
+    assert_eq!(
+        (v1["state"].clone(), v1["active"].clone()),
+        (json!("ready"), json!(false))
+    );
 
     // Heartbeat: intended state says 2 instances (min 2) on the only host.
     let hb = |instances: Value| {
@@ -488,6 +495,7 @@ async fn build_flow(s: TestServer) {
 
     let (_, routes) = send(s.host(Method::GET, "/v1/routes")).await;
     assert_eq!(routes["apps"][0]["app"], "flow");
+    assert!(routes["apps"][0]["version"].is_null(), "{routes}");
     assert_eq!(routes["apps"][0]["endpoints"], json!([]));
 
     let inst = |id: &str, state: &str, port: u16| {
@@ -500,6 +508,7 @@ async fn build_flow(s: TestServer) {
     ])))
     .await;
     assert_eq!(st, StatusCode::OK);
+    // The ready instance made version 1 active, so it is routed to.
     let (_, routes) = send(s.host(Method::GET, "/v1/routes")).await;
     assert_eq!(routes["apps"][0]["version"], 1);
     assert_eq!(
@@ -507,6 +516,8 @@ async fn build_flow(s: TestServer) {
         json!([{"instance": "i-1", "addr": "127.0.0.1:9001"}])
     );
     let (_, status) = send(s.user(Method::GET, "/v1/apps/flow")).await;
+    assert_eq!(status["active_version"], 1);
+    assert!(status["target_version"].is_null(), "{status}");
     assert_eq!(status["instances"].as_array().unwrap().len(), 2);
     assert_eq!(status["instances"][0]["host"], "node-1");
     let (_, hosts) = send(s.user(Method::GET, "/v1/hosts")).await;
@@ -520,15 +531,18 @@ async fn build_flow(s: TestServer) {
         .iter()
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
-    for k in [
-        "deploy",
-        "build_started",
-        "build_succeeded",
-        "activated",
-        "instance_ready",
-    ] {
-        assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
-    }
+    assert_eq!(
+        kinds,
+        vec![
+            "deploy",
+            "env",
+            "build_started",
+            "build_succeeded",
+            "promoting",
+            "instance_ready",
+            "activated"
+        ]
+    );
 
     // Instance logs: shipped by the host, tailed and long-polled by the user.
     let (st, _) = send(s.host(Method::POST, "/v1/agent/logs").json(&json!({"host_id": host_id, "lines": [
@@ -589,6 +603,75 @@ async fn build_flow_postgres() {
     build_flow(s).await;
 }
 
+/// Heartbeats `instances` of `app` as (id, version, state) for a host; an
+/// exited instance exits with "exit status 1 (<id>)". Returns the reply.
+async fn report(
+    s: &TestServer,
+    host_id: &str,
+    session: &str,
+    app: &str,
+    instances: &[(&str, u32, &str)],
+) -> Value {
+    let list: Vec<Value> = instances
+        .iter()
+        .map(|(id, version, state)| {
+            let port = 9000 + id.bytes().map(u16::from).sum::<u16>() % 1000;
+            json!({"id": id, "app": app, "version": version, "state": state,
+                   "executor_id": format!("x-{id}"), "endpoint": format!("127.0.0.1:{port}"),
+                   "pid": 10, "started_at_ms": 1,
+                   "exit": (*state == "exited").then(|| format!("exit status 1 ({id})"))})
+        })
+        .collect();
+    let (st, r) = send(
+        s.host(Method::POST, "/v1/agent/heartbeat")
+            .json(&json!({"host_id": host_id, "session": session, "instances": list})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{r}");
+    r
+}
+
+/// (active, target) of an app, as the API reports them.
+async fn versions_of(s: &TestServer, app: &str) -> (Value, Value) {
+    let (st, status) = send(s.user(Method::GET, &format!("/v1/apps/{app}"))).await;
+    assert_eq!(st, StatusCode::OK, "{status}");
+    (
+        status["active_version"].clone(),
+        status["target_version"].clone(),
+    )
+}
+
+/// The version routed to and its instances.
+async fn route_of(s: &TestServer, app: &str) -> (Value, Vec<String>) {
+    let (_, routes) = send(s.host(Method::GET, "/v1/routes")).await;
+    let r = routes["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["app"] == app)
+        .unwrap_or_else(|| panic!("{app} missing from {routes}"))
+        .clone();
+    let mut eps: Vec<String> = r["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| value_str(e, "instance"))
+        .collect();
+    eps.sort();
+    (r["version"].clone(), eps)
+}
+
+/// The versions of `app` in a heartbeat reply's intended state.
+fn intended_versions(reply: &Value, app: &str) -> Vec<u64> {
+    reply["intended"]["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["app"] == app)
+        .map(|a| a["version"].as_u64().unwrap())
+        .collect()
+}
+
 async fn failed_build_and_rollback(s: TestServer) {
     let (host_id, session) = register(&s, "node-1").await;
     for _ in 0..3 {
@@ -623,8 +706,12 @@ async fn failed_build_and_rollback(s: TestServer) {
     assert_eq!(page["state"], "failed");
     assert_eq!(page["error"], "make: *** [all] Error 2");
     build_succeeds(&s, &host_id, &session, "roll", 3).await;
-    let (_, status) = send(s.user(Method::GET, "/v1/apps/roll")).await;
-    assert_eq!(status["active_version"], 3);
+    assert_eq!(versions_of(&s, "roll").await, (Value::Null, json!(3)));
+    // Nothing is active yet: there is nothing to roll back from.
+    let (st, v) = send(s.user(Method::POST, "/v1/apps/roll/rollback")).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    report(&s, &host_id, &session, "roll", &[("r3", 3, "ready")]).await;
+    assert_eq!(versions_of(&s, "roll").await, (json!(3), Value::Null));
 
     let (st, v) = send(
         s.user(Method::POST, "/v1/apps/roll/rollback")
@@ -640,19 +727,60 @@ async fn failed_build_and_rollback(s: TestServer) {
     )
     .await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
-    // Default: the highest ready version below the active one.
+    // Default: the highest ready version below the active one becomes the
+    // target; version 3 serves until an instance of version 1 is ready.
     let (st, v) = send(s.user(Method::POST, "/v1/apps/roll/rollback")).await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(v["active_version"], 1);
+    assert_eq!(v["active_version"], 3);
+    assert_eq!(v["target_version"], 1);
+    let reply = report(&s, &host_id, &session, "roll", &[("r3", 3, "ready")]).await;
+    assert_eq!(intended_versions(&reply, "roll"), vec![1, 3]);
+    assert_eq!(route_of(&s, "roll").await, (json!(3), vec!["r3".into()]));
+    let reply = report(
+        &s,
+        &host_id,
+        &session,
+        "roll",
+        &[("r3", 3, "ready"), ("r1", 1, "ready")],
+    )
+    .await;
+    assert_eq!(intended_versions(&reply, "roll"), vec![1]);
+    assert_eq!(versions_of(&s, "roll").await, (json!(1), Value::Null));
+    assert_eq!(route_of(&s, "roll").await, (json!(1), vec!["r1".into()]));
+
     let (st, v) = send(
         s.user(Method::POST, "/v1/apps/roll/rollback")
             .json(&json!({"version": 3})),
     )
     .await;
     assert_eq!(st, StatusCode::OK);
-    assert_eq!(v["active_version"], 3);
+    assert_eq!(
+        (v["active_version"].clone(), v["target_version"].clone()),
+        (json!(1), json!(3))
+    );
+    report(
+        &s,
+        &host_id,
+        &session,
+        "roll",
+        &[("r1", 1, "ready"), ("r3b", 3, "ready")],
+    )
+    .await;
+    assert_eq!(versions_of(&s, "roll").await, (json!(3), Value::Null));
     let (_, versions) = send(s.user(Method::GET, "/v1/apps/roll/versions")).await;
+    assert_eq!(versions[0]["number"], 3);
     assert_eq!(versions[0]["active"], true);
+    assert_eq!(versions[2]["active"], false);
+    let (_, events) = send(s.user(Method::GET, "/v1/apps/roll/events")).await;
+    let count = |kind: &str| {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .count()
+    };
+    assert_eq!((count("rollback"), count("activated")), (2, 3));
 }
 
 #[tokio::test]
@@ -663,6 +791,109 @@ async fn failed_build_and_rollback_sqlite() {
 #[tokio::test]
 async fn failed_build_and_rollback_postgres() {
     failed_build_and_rollback(start(Db::Postgres).await).await;
+}
+
+async fn promotion_and_crash_loop(s: TestServer) {
+    let (host_id, session) = register(&s, "node-1").await;
+    s.deploy("crash", app_bundle("crash"), None).await;
+    build_succeeds(&s, &host_id, &session, "crash", 1).await;
+    report(&s, &host_id, &session, "crash", &[("a1", 1, "ready")]).await;
+    assert_eq!(versions_of(&s, "crash").await, (json!(1), Value::Null));
+
+    // Version 2 is built: the host is asked to run it beside version 1,
+    // which keeps the traffic.
+    s.deploy("crash", app_bundle("crash"), None).await;
+    let v2 = build_succeeds(&s, &host_id, &session, "crash", 2).await;
+    assert_eq!(versions_of(&s, "crash").await, (json!(1), json!(2)));
+    let reply = report(&s, &host_id, &session, "crash", &[("a1", 1, "ready")]).await;
+    let apps = reply["intended"]["apps"].as_array().unwrap();
+    assert_eq!(apps.len(), 2, "{reply}");
+    for (a, v) in apps.iter().zip([1, 2]) {
+        assert_eq!(a["version"], v);
+        assert_eq!(a["count"], 2);
+        assert_eq!(a["env"]["STEAD_VERSION"], v.to_string());
+        assert_eq!(
+            a["artifact_hash"],
+            sha256_hex(format!("artifact of crash v{v}").as_bytes())
+        );
+    }
+    assert_eq!(route_of(&s, "crash").await, (json!(1), vec!["a1".into()]));
+
+    // Its instances exit three times without becoming ready: it is failed
+    // and version 1 goes on serving.
+    for id in ["b1", "b2"] {
+        report(
+            &s,
+            &host_id,
+            &session,
+            "crash",
+            &[("a1", 1, "ready"), (id, 2, "exited")],
+        )
+        .await;
+        assert_eq!(versions_of(&s, "crash").await, (json!(1), json!(2)));
+    }
+    let reply = report(
+        &s,
+        &host_id,
+        &session,
+        "crash",
+        &[("a1", 1, "ready"), ("b3", 2, "exited")],
+    )
+    .await;
+    assert_eq!(intended_versions(&reply, "crash"), vec![1]);
+    assert_eq!(versions_of(&s, "crash").await, (json!(1), Value::Null));
+    assert_eq!(route_of(&s, "crash").await, (json!(1), vec!["a1".into()]));
+    let (_, version) = send(s.user(Method::GET, "/v1/apps/crash/versions/2")).await;
+    assert_eq!(version["state"], "failed");
+    assert_eq!(version["active"], false);
+    let error = value_str(&version, "error");
+    assert!(
+        error.contains("failed to start") && error.contains("exit status 1 (b3)"),
+        "{error}"
+    );
+    let (_, events) = send(s.user(Method::GET, "/v1/apps/crash/events")).await;
+    let failed: Vec<&Value> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "version_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{events}");
+    assert_eq!(failed[0]["data"]["version"], v2["version"]);
+    let (st, v) = send(
+        s.user(Method::POST, "/v1/apps/crash/rollback")
+            .json(&json!({"version": 2})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+
+    // A version that starts is promoted: traffic moves, version 1 is to stop.
+    s.deploy("crash", app_bundle("crash"), None).await;
+    build_succeeds(&s, &host_id, &session, "crash", 3).await;
+    let reply = report(
+        &s,
+        &host_id,
+        &session,
+        "crash",
+        &[("a1", 1, "ready"), ("c1", 3, "ready")],
+    )
+    .await;
+    assert_eq!(intended_versions(&reply, "crash"), vec![3]);
+    assert_eq!(versions_of(&s, "crash").await, (json!(3), Value::Null));
+    assert_eq!(route_of(&s, "crash").await, (json!(3), vec!["c1".into()]));
+    let (_, apps) = send(s.user(Method::GET, "/v1/apps")).await;
+    assert_eq!(apps[0]["active_version"], 3);
+    assert_eq!(apps[0]["ready_instances"], 1);
+}
+
+#[tokio::test]
+async fn promotion_and_crash_loop_sqlite() {
+    promotion_and_crash_loop(start(Db::Sqlite).await).await;
+}
+
+#[tokio::test]
+async fn promotion_and_crash_loop_postgres() {
+    promotion_and_crash_loop(start(Db::Postgres).await).await;
 }
 
 #[tokio::test]

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use sqlx::Row;
 use stead_api::{
-    AppConfig, HostCapacity, InstanceLogLine, InstanceState, LogStream, NewLogLine,
-    ObservedInstance, RegisterRequest, TokenKind, VersionState,
+    AppConfig, Event, HostCapacity, InstanceLogLine, InstanceState, LogStream, NewLogLine,
+    ObservedInstance, RegisterRequest, RegisterResponse, TokenKind, VersionState,
 };
 use stead_store::testing::{postgres_store, sqlite_store};
 use stead_store::{CompleteOutcome, NewVersion, Store, StoreError};
@@ -42,6 +42,9 @@ both!(
     events_are_ordered,
     rollback_rules,
     delete_cascades,
+    promotion_waits_for_a_ready_instance,
+    crash_looping_target_is_failed,
+    rollback_goes_through_the_target,
 );
 
 fn config(name: &str) -> AppConfig {
@@ -340,12 +343,28 @@ async fn completion_activates_and_failure_records_error(store: Store) {
             .unwrap(),
         CompleteOutcome::AlreadyDone
     );
+    // A successful build makes the version the target, not yet active.
     let app = store.get_app(org, "comp").await.unwrap().unwrap();
-    assert_eq!(app.active_version, Some(1));
+    assert_eq!((app.active_version, app.target_version), (None, Some(1)));
     let ver = store.get_version(app.id, 1).await.unwrap().unwrap();
     assert_eq!(ver.state, VersionState::Ready);
-    assert!(ver.active);
+    assert!(!ver.active);
     assert_eq!(ver.artifact_hash.as_deref(), Some("art1"));
+    let promoting = events_of(&store, app.id, "promoting").await;
+    assert_eq!(promoting.len(), 1);
+    assert_eq!(promoting[0].data["version"], 1);
+    // The target is to be run; a ready instance of it makes it active.
+    assert_eq!(active_versions(&store, "comp").await, vec![1]);
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[inst("c1", "comp", 1, InstanceState::Ready)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(&store, org, "comp").await, (Some(1), None));
+    assert!(store.get_version(app.id, 1).await.unwrap().unwrap().active);
 
     let b = store
         .claim_build(&h.host_id, &h.session, Duration::from_secs(30))
@@ -363,15 +382,8 @@ async fn completion_activates_and_failure_records_error(store: Store) {
     let ver = store.get_version(app.id, 2).await.unwrap().unwrap();
     assert_eq!(ver.state, VersionState::Failed);
     assert_eq!(ver.error.as_deref(), Some("npm ERR! missing script"));
-    assert_eq!(
-        store
-            .get_app(org, "comp")
-            .await
-            .unwrap()
-            .unwrap()
-            .active_version,
-        Some(1)
-    );
+    // A failed build never becomes the target.
+    assert_eq!(versions_of(&store, org, "comp").await, (Some(1), None));
     assert_eq!(
         store.build_state(b.id).await.unwrap().as_deref(),
         Some("failed")
@@ -456,6 +468,101 @@ fn observed(id: &str, app: &str, state: InstanceState) -> ObservedInstance {
     }
 }
 
+/// An instance of `version` of `app`; exited ones exit with status 1.
+fn inst(id: &str, app: &str, version: u32, state: InstanceState) -> ObservedInstance {
+    ObservedInstance {
+        version,
+        ..observed(id, app, state)
+    }
+}
+
+/// An instance of `version` of `app` that exited for `why`.
+fn exited(id: &str, app: &str, version: u32, why: &str) -> ObservedInstance {
+    ObservedInstance {
+        exit: Some(why.to_string()),
+        ..inst(id, app, version, InstanceState::Exited)
+    }
+}
+
+/// Claims the next build on `h` and completes it with `result`
+/// (an `Ok` artifact is uploaded first); returns the version and outcome.
+async fn build_next(
+    store: &Store,
+    h: &RegisterResponse,
+    result: std::result::Result<&str, &str>,
+) -> (u32, CompleteOutcome) {
+    if let Ok(artifact) = result {
+        store.put_blob(artifact, b"artifact").await.unwrap();
+    }
+    let task = store
+        .claim_build(&h.host_id, &h.session, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("a build to claim");
+    let out = store
+        .complete_build(task.id, &h.host_id, &h.session, result)
+        .await
+        .unwrap();
+    (task.version, out)
+}
+
+/// (active, target) versions of an app.
+async fn versions_of(store: &Store, org: i64, name: &str) -> (Option<u32>, Option<u32>) {
+    let app = store.get_app(org, name).await.unwrap().unwrap();
+    (app.active_version, app.target_version)
+}
+
+/// The versions of `name` that agents are asked to run.
+async fn active_versions(store: &Store, name: &str) -> Vec<u32> {
+    store
+        .active_apps()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.name == name)
+        .map(|a| a.version)
+        .collect()
+}
+
+/// The version routed to and its instances, sorted.
+async fn route_of(store: &Store, name: &str) -> (Option<u32>, Vec<String>) {
+    let routes = store.routes(Duration::from_secs(30)).await.unwrap();
+    let r = routes
+        .apps
+        .into_iter()
+        .find(|a| a.app == name)
+        .expect("the app in the route table");
+    let mut eps: Vec<String> = r.endpoints.into_iter().map(|e| e.instance).collect();
+    eps.sort();
+    (r.version, eps)
+}
+
+/// Events of one kind.
+async fn events_of(store: &Store, app_id: i64, kind: &str) -> Vec<Event> {
+    store
+        .events(app_id, 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == kind)
+        .collect()
+}
+
+/// (exits, ever_ready) of a version, straight from its row.
+async fn start_record(store: &Store, app_id: i64, version: u32) -> (i64, i64) {
+    let row =
+        sqlx::query("SELECT exits, ever_ready FROM versions WHERE app_id = $1 AND number = $2")
+            .bind(app_id)
+            .bind(i64::from(version))
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    (
+        row.try_get("exits").unwrap(),
+        row.try_get("ever_ready").unwrap(),
+    )
+}
+
 async fn heartbeat_replaces_instances(store: Store) {
     let t = store.create_user_token("acme", "ann").await.unwrap();
     let org = org_of(&store, &t).await;
@@ -463,6 +570,12 @@ async fn heartbeat_replaces_instances(store: Store) {
     let app = store.get_app(org, "beat").await.unwrap().unwrap();
     let h = store.register_host(&reg("h1")).await.unwrap();
     let h2 = store.register_host(&reg("h2")).await.unwrap();
+    // Version 1 is built, so it is the target and its first ready instance
+    // (on h2) makes it active.
+    assert_eq!(
+        build_next(&store, &h, Ok("art")).await,
+        (1, CompleteOutcome::Succeeded { activated: true })
+    );
     store
         .heartbeat(
             &h2.host_id,
@@ -471,6 +584,7 @@ async fn heartbeat_replaces_instances(store: Store) {
         )
         .await
         .unwrap();
+    assert_eq!(versions_of(&store, org, "beat").await, (Some(1), None));
 
     store
         .heartbeat(
@@ -505,17 +619,23 @@ async fn heartbeat_replaces_instances(store: Store) {
 
     let events = store.events(app.id, 0, 100).await.unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    // other ready, i2 ready, i1 ready, i3 exited (after the deploy event).
+    // other ready (activating version 1), i2 ready, i1 ready, i3 exited.
     assert_eq!(
         kinds,
         vec![
             "deploy",
+            "build_started",
+            "build_succeeded",
+            "promoting",
             "instance_ready",
+            "activated",
             "instance_ready",
             "instance_ready",
             "instance_exited"
         ]
     );
+    // An exit of a version that has been ready is not a start failure.
+    assert_eq!(start_record(&store, app.id, 1).await, (0, 1));
 
     // A stale session is refused; an unknown host is not found.
     assert!(matches!(
@@ -541,18 +661,9 @@ async fn heartbeat_replaces_instances(store: Store) {
     );
 
     // Routes: only ready instances of the active version on alive hosts.
-    store.put_blob("art", b"a").await.unwrap();
-    let task = store
-        .claim_build(&h.host_id, &h.session, Duration::from_secs(30))
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .complete_build(task.id, &h.host_id, &h.session, Ok("art"))
-        .await
-        .unwrap();
     let routes = store.routes(Duration::from_secs(30)).await.unwrap();
     assert_eq!(routes.apps.len(), 1);
+    assert_eq!(routes.apps[0].version, Some(1));
     let mut eps: Vec<String> = routes.apps[0]
         .endpoints
         .iter()
@@ -653,32 +764,40 @@ async fn rollback_rules(store: Store) {
     let t = store.create_user_token("acme", "ann").await.unwrap();
     let org = org_of(&store, &t).await;
     let h = store.register_host(&reg("h1")).await.unwrap();
-    store.put_blob("art", b"a").await.unwrap();
     for _ in 0..3 {
         deploy(&store, org, "roll", None).await;
     }
     let app = store.get_app(org, "roll").await.unwrap().unwrap();
-    // v1 ready, v2 failed, v3 ready.
-    for result in [Ok("art"), Err("boom"), Ok("art")] {
-        let task = store
-            .claim_build(&h.host_id, &h.session, Duration::from_secs(30))
-            .await
-            .unwrap()
-            .unwrap();
-        store
-            .complete_build(task.id, &h.host_id, &h.session, result)
-            .await
-            .unwrap();
-    }
+    // v1 ready, v2 failed, v3 ready; v3 is the target, nothing active yet.
     assert_eq!(
-        store
-            .get_app(org, "roll")
-            .await
-            .unwrap()
-            .unwrap()
-            .active_version,
-        Some(3)
+        build_next(&store, &h, Ok("art")).await,
+        (1, CompleteOutcome::Succeeded { activated: true })
     );
+    assert_eq!(
+        build_next(&store, &h, Err("boom")).await,
+        (2, CompleteOutcome::Failed)
+    );
+    assert_eq!(
+        build_next(&store, &h, Ok("art")).await,
+        (3, CompleteOutcome::Succeeded { activated: true })
+    );
+    assert_eq!(versions_of(&store, org, "roll").await, (None, Some(3)));
+    // Without an active version there is nothing to roll back from.
+    let err = store.rollback(app.id, None).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Invalid(_)) && err.to_string().contains("no active version"),
+        "{err}"
+    );
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[inst("r3", "roll", 3, InstanceState::Ready)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(&store, org, "roll").await, (Some(3), None));
+
     let err = store.rollback(app.id, Some(2)).await.unwrap_err();
     assert!(
         err.to_string().contains("failed") && err.to_string().contains("boom"),
@@ -688,21 +807,39 @@ async fn rollback_rules(store: Store) {
         store.rollback(app.id, Some(9)).await.unwrap_err(),
         StoreError::NotFound(_)
     ));
-    // Default skips the failed one.
+    // Refusals change nothing.
+    assert_eq!(versions_of(&store, org, "roll").await, (Some(3), None));
+    // Default skips the failed one; it only becomes the target.
     assert_eq!(store.rollback(app.id, None).await.unwrap(), 1);
+    assert_eq!(versions_of(&store, org, "roll").await, (Some(3), Some(1)));
+    // Until an instance of it is ready, the default is still taken from
+    // the active version.
+    assert_eq!(store.rollback(app.id, None).await.unwrap(), 1);
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[
+                inst("r3", "roll", 3, InstanceState::Ready),
+                inst("r1", "roll", 1, InstanceState::Ready),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(&store, org, "roll").await, (Some(1), None));
+    // Nothing ready below version 1.
     assert!(matches!(
         store.rollback(app.id, None).await.unwrap_err(),
         StoreError::Invalid(_)
     ));
     assert_eq!(store.rollback(app.id, Some(3)).await.unwrap(), 3);
-    let kinds: Vec<String> = store
-        .events(app.id, 0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
-    assert_eq!(kinds.iter().filter(|k| *k == "rollback").count(), 2);
+    assert_eq!(versions_of(&store, org, "roll").await, (Some(1), Some(3)));
+    let rollbacks = events_of(&store, app.id, "rollback").await;
+    assert_eq!(rollbacks.len(), 3);
+    assert_eq!(rollbacks[0].data["version"], 1);
+    assert_eq!(rollbacks[0].data["previous"], 3);
+    assert_eq!(rollbacks[2].data["version"], 3);
+    assert_eq!(rollbacks[2].data["previous"], 1);
 }
 
 async fn delete_cascades(store: Store) {
@@ -737,6 +874,398 @@ async fn delete_cascades(store: Store) {
     }
     // The name is free again and numbering restarts.
     assert_eq!(deploy(&store, org, "gone", Some("key")).await.version, 1);
+}
+
+/// An app `name` whose version 1 is active with instance `v1-a` ready on `h`.
+async fn serving_v1(store: &Store, org: i64, h: &RegisterResponse, name: &str) -> i64 {
+    deploy(store, org, name, None).await;
+    build_next(store, h, Ok("art1")).await;
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[inst("v1-a", name, 1, InstanceState::Ready)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(store, org, name).await, (Some(1), None));
+    assert_eq!(route_of(store, name).await, (Some(1), vec!["v1-a".into()]));
+    store.get_app(org, name).await.unwrap().unwrap().id
+}
+
+async fn promotion_waits_for_a_ready_instance(store: Store) {
+    let t = store.create_user_token("acme", "ann").await.unwrap();
+    let org = org_of(&store, &t).await;
+    let h = store.register_host(&reg("h1")).await.unwrap();
+    let app_id = serving_v1(&store, org, &h, "promo").await;
+    let activated = events_of(&store, app_id, "activated").await;
+    assert_eq!(activated.len(), 1);
+    assert_eq!(activated[0].data["version"], 1);
+
+    // Version 2 is built: it becomes the target and runs beside version 1,
+    // which keeps the traffic.
+    deploy(&store, org, "promo", None).await;
+    assert_eq!(
+        build_next(&store, &h, Ok("art2")).await,
+        (2, CompleteOutcome::Succeeded { activated: true })
+    );
+    assert_eq!(versions_of(&store, org, "promo").await, (Some(1), Some(2)));
+    let v2 = store.get_version(app_id, 2).await.unwrap().unwrap();
+    assert_eq!(v2.state, VersionState::Ready);
+    assert!(!v2.active);
+    assert!(store.get_version(app_id, 1).await.unwrap().unwrap().active);
+    let active = store.active_apps().await.unwrap();
+    assert_eq!(
+        active
+            .iter()
+            .map(|a| (a.name.as_str(), a.version, a.artifact_hash.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("promo", 1, "art1"), ("promo", 2, "art2")]
+    );
+    assert_eq!(
+        route_of(&store, "promo").await,
+        (Some(1), vec!["v1-a".into()])
+    );
+    let promoting = events_of(&store, app_id, "promoting").await;
+    assert_eq!(promoting.len(), 2);
+    assert_eq!(promoting[1].data["version"], 2);
+
+    // Starting is not enough.
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[
+                inst("v1-a", "promo", 1, InstanceState::Ready),
+                inst("v2-a", "promo", 2, InstanceState::Starting),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(&store, org, "promo").await, (Some(1), Some(2)));
+    assert_eq!(
+        route_of(&store, "promo").await,
+        (Some(1), vec!["v1-a".into()])
+    );
+    assert_eq!(start_record(&store, app_id, 2).await, (0, 0));
+
+    // Ready: version 2 is active and gets the traffic; version 1 is no
+    // longer to be run.
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[
+                inst("v1-a", "promo", 1, InstanceState::Ready),
+                inst("v2-a", "promo", 2, InstanceState::Ready),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(&store, org, "promo").await, (Some(2), None));
+    assert_eq!(
+        route_of(&store, "promo").await,
+        (Some(2), vec!["v2-a".into()])
+    );
+    assert_eq!(active_versions(&store, "promo").await, vec![2]);
+    assert!(store.get_version(app_id, 2).await.unwrap().unwrap().active);
+    assert!(!store.get_version(app_id, 1).await.unwrap().unwrap().active);
+    assert_eq!(start_record(&store, app_id, 2).await, (0, 1));
+    let activated = events_of(&store, app_id, "activated").await;
+    assert_eq!(activated.len(), 2);
+    assert_eq!(activated[1].data["version"], 2);
+    let kinds: Vec<String> = store
+        .events(app_id, 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        &kinds[kinds.len() - 2..],
+        ["instance_ready", "activated"],
+        "{kinds:?}"
+    );
+
+    // Builds that finish out of order: the newest version stays the target.
+    deploy(&store, org, "promo", None).await;
+    deploy(&store, org, "promo", None).await;
+    store.put_blob("art3", b"a3").await.unwrap();
+    store.put_blob("art4", b"a4").await.unwrap();
+    let t3 = store
+        .claim_build(&h.host_id, &h.session, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let t4 = store
+        .claim_build(&h.host_id, &h.session, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((t3.version, t4.version), (3, 4));
+    assert_eq!(
+        store
+            .complete_build(t4.id, &h.host_id, &h.session, Ok("art4"))
+            .await
+            .unwrap(),
+        CompleteOutcome::Succeeded { activated: true }
+    );
+    assert_eq!(
+        store
+            .complete_build(t3.id, &h.host_id, &h.session, Ok("art3"))
+            .await
+            .unwrap(),
+        CompleteOutcome::Succeeded { activated: false }
+    );
+    assert_eq!(versions_of(&store, org, "promo").await, (Some(2), Some(4)));
+    assert_eq!(
+        store.get_version(app_id, 3).await.unwrap().unwrap().state,
+        VersionState::Ready
+    );
+    assert_eq!(active_versions(&store, "promo").await, vec![2, 4]);
+    // A ready instance of a version that is not the target changes nothing.
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[
+                inst("v2-a", "promo", 2, InstanceState::Ready),
+                inst("v3-a", "promo", 3, InstanceState::Ready),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(&store, org, "promo").await, (Some(2), Some(4)));
+    assert_eq!(
+        route_of(&store, "promo").await,
+        (Some(2), vec!["v2-a".into()])
+    );
+    assert_eq!(events_of(&store, app_id, "promoting").await.len(), 3);
+}
+
+async fn crash_looping_target_is_failed(store: Store) {
+    let t = store.create_user_token("acme", "ann").await.unwrap();
+    let org = org_of(&store, &t).await;
+    let h = store.register_host(&reg("h1")).await.unwrap();
+    let app_id = serving_v1(&store, org, &h, "loop").await;
+    deploy(&store, org, "loop", None).await;
+    build_next(&store, &h, Ok("art2")).await;
+    assert_eq!(versions_of(&store, org, "loop").await, (Some(1), Some(2)));
+
+    let serving = || inst("v1-a", "loop", 1, InstanceState::Ready);
+    // Two instances of version 2 exit; the same exit reported again (and
+    // instances of version 2 that merely start) count once.
+    for report in [
+        vec![serving(), exited("c1", "loop", 2, "exit status 1")],
+        vec![serving(), exited("c1", "loop", 2, "exit status 1")],
+        vec![serving(), inst("c2", "loop", 2, InstanceState::Starting)],
+        vec![serving(), exited("c2", "loop", 2, "exit status 2")],
+    ] {
+        store
+            .heartbeat(&h.host_id, &h.session, &report)
+            .await
+            .unwrap();
+    }
+    assert_eq!(start_record(&store, app_id, 2).await, (2, 0));
+    assert_eq!(versions_of(&store, org, "loop").await, (Some(1), Some(2)));
+    assert_eq!(
+        store.get_version(app_id, 2).await.unwrap().unwrap().state,
+        VersionState::Ready
+    );
+    assert!(events_of(&store, app_id, "version_failed").await.is_empty());
+
+    // The third exit fails it; version 1 keeps serving.
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[serving(), exited("c3", "loop", 2, "killed by signal 9")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(start_record(&store, app_id, 2).await, (3, 0));
+    let v2 = store.get_version(app_id, 2).await.unwrap().unwrap();
+    assert_eq!(v2.state, VersionState::Failed);
+    let error = v2.error.unwrap_or_default();
+    assert_eq!(
+        error,
+        "version 2 failed to start: 3 instances exited before becoming ready; last: killed by signal 9"
+    );
+    assert_eq!(versions_of(&store, org, "loop").await, (Some(1), None));
+    assert_eq!(
+        route_of(&store, "loop").await,
+        (Some(1), vec!["v1-a".into()])
+    );
+    assert_eq!(active_versions(&store, "loop").await, vec![1]);
+    let failed = events_of(&store, app_id, "version_failed").await;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].data["version"], 2);
+    assert_eq!(failed[0].message, error);
+    assert_eq!(events_of(&store, app_id, "instance_exited").await.len(), 3);
+    // A failed version cannot be rolled back to, and more exits change nothing.
+    let err = store.rollback(app_id, Some(2)).await.unwrap_err();
+    assert!(err.to_string().contains("failed to start"), "{err}");
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[serving(), exited("c4", "loop", 2, "exit status 3")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(events_of(&store, app_id, "version_failed").await.len(), 1);
+    assert_eq!(
+        store.get_version(app_id, 2).await.unwrap().unwrap().error,
+        Some(error)
+    );
+
+    // Version 3 starts, is promoted, and later its instances exit: a
+    // version that has been ready is not failed for exits, even when it is
+    // the target again (after a rollback).
+    deploy(&store, org, "loop", None).await;
+    assert_eq!(
+        build_next(&store, &h, Ok("art3")).await,
+        (3, CompleteOutcome::Succeeded { activated: true })
+    );
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[serving(), inst("d1", "loop", 3, InstanceState::Ready)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(&store, org, "loop").await, (Some(3), None));
+    assert_eq!(store.rollback(app_id, Some(1)).await.unwrap(), 1);
+    assert_eq!(versions_of(&store, org, "loop").await, (Some(3), Some(1)));
+    for (i, id) in ["e1", "e2", "e3", "e4"].into_iter().enumerate() {
+        store
+            .heartbeat(
+                &h.host_id,
+                &h.session,
+                &[
+                    inst("d1", "loop", 3, InstanceState::Ready),
+                    exited(id, "loop", 1, &format!("exit status {i}")),
+                    exited(&format!("d-{id}"), "loop", 3, "exit status 1"),
+                ],
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(start_record(&store, app_id, 1).await, (0, 1));
+    assert_eq!(start_record(&store, app_id, 3).await, (0, 1));
+    assert_eq!(versions_of(&store, org, "loop").await, (Some(3), Some(1)));
+    for v in [1, 3] {
+        assert_eq!(
+            store.get_version(app_id, v).await.unwrap().unwrap().state,
+            VersionState::Ready
+        );
+    }
+    assert_eq!(events_of(&store, app_id, "version_failed").await.len(), 1);
+    assert_eq!(route_of(&store, "loop").await, (Some(3), vec!["d1".into()]));
+}
+
+async fn rollback_goes_through_the_target(store: Store) {
+    let t = store.create_user_token("acme", "ann").await.unwrap();
+    let org = org_of(&store, &t).await;
+    let h = store.register_host(&reg("h1")).await.unwrap();
+    let app_id = serving_v1(&store, org, &h, "back").await;
+    deploy(&store, org, "back", None).await;
+    build_next(&store, &h, Ok("art2")).await;
+    // Version 2 takes over; version 1's instance is stopped.
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[inst("v2-a", "back", 2, InstanceState::Ready)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(&store, org, "back").await, (Some(2), None));
+    assert_eq!(active_versions(&store, "back").await, vec![2]);
+
+    // Rolling back only makes version 1 the target: it runs again beside
+    // version 2, which serves until an instance of version 1 is ready.
+    assert_eq!(store.rollback(app_id, None).await.unwrap(), 1);
+    assert_eq!(versions_of(&store, org, "back").await, (Some(2), Some(1)));
+    assert_eq!(active_versions(&store, "back").await, vec![1, 2]);
+    assert_eq!(
+        route_of(&store, "back").await,
+        (Some(2), vec!["v2-a".into()])
+    );
+    assert!(store.get_version(app_id, 2).await.unwrap().unwrap().active);
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[
+                inst("v2-a", "back", 2, InstanceState::Ready),
+                inst("v1-b", "back", 1, InstanceState::Starting),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(&store, org, "back").await, (Some(2), Some(1)));
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[
+                inst("v2-a", "back", 2, InstanceState::Ready),
+                inst("v1-b", "back", 1, InstanceState::Ready),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(&store, org, "back").await, (Some(1), None));
+    assert_eq!(
+        route_of(&store, "back").await,
+        (Some(1), vec!["v1-b".into()])
+    );
+    assert_eq!(active_versions(&store, "back").await, vec![1]);
+    let activated = events_of(&store, app_id, "activated").await;
+    assert_eq!(
+        activated
+            .iter()
+            .map(|e| e.data["version"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 1]
+    );
+
+    // Rolling back to the active version cancels a pending target.
+    assert_eq!(store.rollback(app_id, Some(2)).await.unwrap(), 2);
+    assert_eq!(versions_of(&store, org, "back").await, (Some(1), Some(2)));
+    assert_eq!(store.rollback(app_id, Some(1)).await.unwrap(), 1);
+    assert_eq!(versions_of(&store, org, "back").await, (Some(1), None));
+    assert_eq!(active_versions(&store, "back").await, vec![1]);
+    // A ready instance of the cancelled target changes nothing.
+    store
+        .heartbeat(
+            &h.host_id,
+            &h.session,
+            &[
+                inst("v1-b", "back", 1, InstanceState::Ready),
+                inst("v2-b", "back", 2, InstanceState::Ready),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions_of(&store, org, "back").await, (Some(1), None));
+    assert_eq!(
+        route_of(&store, "back").await,
+        (Some(1), vec!["v1-b".into()])
+    );
+    assert_eq!(events_of(&store, app_id, "rollback").await.len(), 3);
+
+    // A newer build supersedes a rollback target.
+    assert_eq!(store.rollback(app_id, Some(2)).await.unwrap(), 2);
+    deploy(&store, org, "back", None).await;
+    assert_eq!(
+        build_next(&store, &h, Ok("art3")).await,
+        (3, CompleteOutcome::Succeeded { activated: true })
+    );
+    assert_eq!(versions_of(&store, org, "back").await, (Some(1), Some(3)));
+    assert_eq!(active_versions(&store, "back").await, vec![1, 3]);
 }
 
 #[tokio::test]
