@@ -7,10 +7,12 @@ use crate::{now_ms, Backend, Result, Store, StoreError};
 const SQLITE: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_initial.sql")),
     (2, include_str!("../migrations/sqlite/0002_promotion.sql")),
+    (3, include_str!("../migrations/sqlite/0003_dbos.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_initial.sql")),
     (2, include_str!("../migrations/postgres/0002_promotion.sql")),
+    (3, include_str!("../migrations/postgres/0003_dbos.sql")),
 ];
 
 pub(crate) async fn run(store: &Store) -> Result<()> {
