@@ -464,9 +464,11 @@ impl Store {
             .collect()
     }
 
-    /// Makes an earlier (or any ready) version active without rebuilding.
+    /// Makes an earlier (or any ready) version the target without rebuilding;
+    /// it becomes active once one of its instances is ready.
     /// Default target: the highest ready version below the active one.
-    /// Returns the version now active.
+    /// Returns the version chosen (the active one when this cancels a
+    /// pending target).
     pub async fn rollback(&self, app_id: i64, target: Option<u32>) -> Result<u32> {
         self.retry("rollback", || self.rollback_once(app_id, target))
             .await
@@ -543,6 +545,13 @@ impl Store {
             .bind(app_id)
             .execute(&mut *tx)
             .await?;
+        if target.is_some() {
+            sqlx::query("UPDATE versions SET exits = 0 WHERE app_id = $1 AND number = $2")
+                .bind(app_id)
+                .bind(number)
+                .execute(&mut *tx)
+                .await?;
+        }
         insert_event(
             &mut tx,
             app_id,

@@ -320,7 +320,7 @@ impl Store {
                 .await?;
                 // The new version becomes the target: agents start it beside
                 // the active one, and it is promoted once an instance is
-                // ready (see `promote_targets`).
+                // ready (see `promote_on_ready` in hosts.rs).
                 let activated = sqlx::query(
                     "UPDATE apps SET target_version = $1 WHERE id = $2 \
                      AND (active_version IS NULL OR active_version < $1) \
@@ -333,6 +333,13 @@ impl Store {
                 .rows_affected()
                     == 1;
                 if activated {
+                    // Exits counted while it was not the target do not count
+                    // against it now.
+                    sqlx::query("UPDATE versions SET exits = 0 WHERE app_id = $1 AND number = $2")
+                        .bind(app_id)
+                        .bind(version)
+                        .execute(&mut *tx)
+                        .await?;
                     insert_event(
                         &mut tx,
                         app_id,

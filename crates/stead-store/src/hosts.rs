@@ -200,12 +200,15 @@ impl Store {
                 )
                 .await?;
             }
-            if inst.state == InstanceState::Ready && before != Some("ready") {
+            // On every ready report, not only the first: a target whose
+            // instance was already ready (e.g. a rollback to a version still
+            // running) must be promoted too. Both statements are
+            // conditional, so a steady state writes nothing.
+            if inst.state == InstanceState::Ready {
                 promote_on_ready(&mut tx, app_id, inst.version).await?;
             }
             if inst.state == InstanceState::Exited && before != Some("exited") {
                 let why = inst.exit.clone().unwrap_or_else(|| "unknown reason".into());
-                fail_if_crash_looping(&mut tx, app_id, inst.version, &why).await?;
                 insert_event(
                     &mut tx,
                     app_id,
@@ -214,6 +217,9 @@ impl Store {
                     serde_json::json!({"instance": inst.id, "version": inst.version, "host": name, "exit": inst.exit}),
                 )
                 .await?;
+                // After the event: the app row is locked first on every path
+                // (events bump its sequence), so heartbeats cannot deadlock.
+                fail_if_crash_looping(&mut tx, app_id, inst.version, &why).await?;
             }
         }
         for id in previous.keys() {
@@ -382,11 +388,13 @@ async fn promote_on_ready(
     app_id: i64,
     version: u32,
 ) -> Result<()> {
-    sqlx::query("UPDATE versions SET ever_ready = 1 WHERE app_id = $1 AND number = $2")
-        .bind(app_id)
-        .bind(i64::from(version))
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "UPDATE versions SET ever_ready = 1 WHERE app_id = $1 AND number = $2 AND ever_ready = 0",
+    )
+    .bind(app_id)
+    .bind(i64::from(version))
+    .execute(&mut **tx)
+    .await?;
     let promoted = sqlx::query(
         "UPDATE apps SET active_version = target_version, target_version = NULL \
          WHERE id = $1 AND target_version = $2",

@@ -4,3 +4,6 @@
 ALTER TABLE apps ADD COLUMN target_version INTEGER;
 ALTER TABLE versions ADD COLUMN exits INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE versions ADD COLUMN ever_ready INTEGER NOT NULL DEFAULT 0;
+-- Versions active before this migration have evidently been ready.
+UPDATE versions SET ever_ready = 1
+ WHERE EXISTS (SELECT 1 FROM apps a WHERE a.id = versions.app_id AND a.active_version = versions.number);
