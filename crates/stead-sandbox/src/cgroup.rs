@@ -48,6 +48,11 @@ pub struct CgroupPaths {
     /// that controller. Always `None` on v2.
     #[serde(default)]
     pub pids: Option<PathBuf>,
+    /// v1 only: the sandbox's cgroup in the cpu hierarchy (CPU quota), when
+    /// the host has that controller mounted on its own (when it is mounted
+    /// with memory or pids, that directory already is one of the above).
+    #[serde(default)]
+    pub cpu: Option<PathBuf>,
 }
 
 /// The agent-wide parent directories new sandbox cgroups are created in.
@@ -59,6 +64,10 @@ pub(crate) struct CgroupLayout {
     memory_parent: PathBuf,
     /// v1 only: the parent in the pids hierarchy (if mounted).
     pids_parent: Option<PathBuf>,
+    /// v1 only: the parent in the cpu hierarchy (if mounted).
+    cpu_parent: Option<PathBuf>,
+    /// Whether sandboxes can get a CPU quota here.
+    pub(crate) cpu_quota: bool,
 }
 
 /// One line of `/proc/self/cgroup`: `hierarchy-id:controllers:path`.
@@ -251,14 +260,27 @@ impl CgroupLayout {
         if pids_parent.is_none() {
             tracing::warn!("no cgroup v1 pids hierarchy is mounted: sandboxes get no pids limit");
         }
-        for dir in std::iter::once(&memory_parent).chain(pids_parent.as_ref()) {
+        let cpu_parent = parent_in("cpu");
+        if cpu_parent.is_none() {
+            tracing::warn!("no cgroup v1 cpu hierarchy is mounted: sandboxes get no CPU quota");
+        }
+        let cpu_quota = cpu_parent.is_some();
+        // One directory per hierarchy: skip cpu when it shares one.
+        let cpu_parent =
+            cpu_parent.filter(|c| c != &memory_parent && Some(c) != pids_parent.as_ref());
+        for dir in std::iter::once(&memory_parent)
+            .chain(pids_parent.as_ref())
+            .chain(cpu_parent.as_ref())
+        {
             fs::create_dir_all(dir).map_err(setup_err("creating", dir))?;
         }
-        tracing::info!(memory = %memory_parent.display(), pids = ?pids_parent, "using cgroup v1");
+        tracing::info!(memory = %memory_parent.display(), pids = ?pids_parent, cpu = ?cpu_parent, "using cgroup v1");
         Ok(CgroupLayout {
             version: CgroupVersion::V1,
             memory_parent,
             pids_parent,
+            cpu_parent,
+            cpu_quota,
         })
     }
 
@@ -296,6 +318,7 @@ impl CgroupLayout {
             dir.push(comp);
             chain.push(dir.clone());
         }
+        let mut cpu_quota = true;
         for (i, d) in chain.iter().enumerate() {
             if i > 0 {
                 match fs::create_dir(d) {
@@ -304,20 +327,29 @@ impl CgroupLayout {
                     Err(e) => return Err(setup_err("creating", d)(e)),
                 }
             }
-            Self::delegate_v2(d, *d == own_dir)?;
+            Self::delegate_v2(d, *d == own_dir, &["memory", "pids"])?;
+            // The CPU quota is worth having, not worth refusing to start.
+            if cpu_quota {
+                if let Err(e) = Self::delegate_v2(d, *d == own_dir, &["cpu"]) {
+                    tracing::warn!(error = %e, "cannot delegate the cpu controller: sandboxes get no CPU quota");
+                    cpu_quota = false;
+                }
+            }
         }
-        tracing::info!(parent = %parent.display(), "using cgroup v2");
+        tracing::info!(parent = %parent.display(), cpu_quota, "using cgroup v2");
         Ok(CgroupLayout {
             version: CgroupVersion::V2,
             memory_parent: parent,
             pids_parent: None,
+            cpu_parent: None,
+            cpu_quota,
         })
     }
 
-    /// Makes `dir` delegate the memory and pids controllers to its children.
-    fn delegate_v2(dir: &Path, is_own: bool) -> Result<(), SandboxError> {
+    /// Makes `dir` delegate `controllers` to its children.
+    fn delegate_v2(dir: &Path, is_own: bool, controllers: &[&str]) -> Result<(), SandboxError> {
         let control = dir.join("cgroup.subtree_control");
-        for controller in ["memory", "pids"] {
+        for controller in controllers {
             let current = fs::read_to_string(&control).map_err(setup_err("reading", &control))?;
             if lists_controller(&current, controller) {
                 continue;
@@ -371,6 +403,7 @@ impl CgroupLayout {
             version: self.version,
             memory: self.memory_parent.join(id),
             pids: self.pids_parent.as_ref().map(|p| p.join(id)),
+            cpu: self.cpu_parent.as_ref().map(|p| p.join(id)),
         }
     }
 
@@ -383,12 +416,14 @@ impl CgroupLayout {
         id: &str,
         memory_bytes: u64,
         pids_max: u64,
+        cpu_millis: Option<u64>,
     ) -> Result<CgroupPaths, SandboxError> {
         let paths = self.paths_for(id);
         let mut created = Vec::new();
+        let cpu = cpu_millis.filter(|_| self.cpu_quota);
         let result = paths
             .create_dirs(id, &mut created)
-            .and_then(|()| paths.set_limits(id, memory_bytes, pids_max));
+            .and_then(|()| paths.set_limits(id, memory_bytes, pids_max, cpu));
         if let Err(e) = result {
             for dir in created {
                 if let Err(re) = fs::remove_dir(dir) {
@@ -406,6 +441,7 @@ impl CgroupPaths {
     pub(crate) fn dirs(&self) -> Vec<&Path> {
         std::iter::once(self.memory.as_path())
             .chain(self.pids.as_deref())
+            .chain(self.cpu.as_deref())
             .collect()
     }
 
@@ -454,7 +490,13 @@ impl CgroupPaths {
         Ok(())
     }
 
-    fn set_limits(&self, id: &str, memory_bytes: u64, pids_max: u64) -> Result<(), SandboxError> {
+    fn set_limits(
+        &self,
+        id: &str,
+        memory_bytes: u64,
+        pids_max: u64,
+        cpu_millis: Option<u64>,
+    ) -> Result<(), SandboxError> {
         let write = |file: PathBuf, value: String| -> Result<(), SandboxError> {
             write_control(&file, &value).map_err(self.cg_err(id, "writing", &file))
         };
@@ -466,6 +508,10 @@ impl CgroupPaths {
                     write(swap, "0".into())?;
                 }
                 write(self.memory.join("pids.max"), pids_max.to_string())?;
+                if let Some(m) = cpu_millis {
+                    let (quota, period) = cpu_quota(m);
+                    write(self.memory.join("cpu.max"), format!("{quota} {period}"))?;
+                }
             }
             CgroupVersion::V1 => {
                 write(
@@ -480,6 +526,20 @@ impl CgroupPaths {
                 }
                 if let Some(pids) = &self.pids {
                     write(pids.join("pids.max"), pids_max.to_string())?;
+                }
+                if let Some(m) = cpu_millis {
+                    // The cpu hierarchy's dir: its own, or shared with one
+                    // of the others.
+                    let dir = self
+                        .dirs()
+                        .into_iter()
+                        .find(|d| d.join("cpu.cfs_quota_us").exists())
+                        .map(Path::to_path_buf);
+                    if let Some(dir) = dir {
+                        let (quota, period) = cpu_quota(m);
+                        write(dir.join("cpu.cfs_period_us"), period.to_string())?;
+                        write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+                    }
                 }
             }
         }
@@ -637,6 +697,14 @@ impl CgroupPaths {
     }
 }
 
+/// CFS quota and period (µs) for `millis` thousandths of a CPU: a 100 ms
+/// period, the kernel's default.
+pub(crate) fn cpu_quota(millis: u64) -> (u64, u64) {
+    let period = 100_000;
+    // The kernel refuses quotas under 1 ms.
+    (millis.saturating_mul(100).max(1000), period)
+}
+
 fn remove_dir_retrying(dir: &Path, attempts: u32) -> io::Result<()> {
     let mut last = None;
     for _ in 0..attempts {
@@ -750,9 +818,18 @@ mod tests {
             version: CgroupVersion::V1,
             memory_parent: "/sys/fs/cgroup/memory/stead".into(),
             pids_parent: Some("/sys/fs/cgroup/pids/stead".into()),
+            cpu_parent: Some("/sys/fs/cgroup/cpu/stead".into()),
+            cpu_quota: true,
         };
         let p = layout.paths_for("inst-1");
-        assert_eq!(p.dirs().len(), 2);
+        assert_eq!(p.dirs().len(), 3);
+        assert_eq!(
+            p.cpu,
+            Some(PathBuf::from("/sys/fs/cgroup/cpu/stead/inst-1"))
+        );
+        assert_eq!(cpu_quota(500), (50_000, 100_000));
+        assert_eq!(cpu_quota(2000), (200_000, 100_000));
+        assert_eq!(cpu_quota(1), (1000, 100_000));
         assert_eq!(
             p.memory,
             PathBuf::from("/sys/fs/cgroup/memory/stead/inst-1")
@@ -767,6 +844,7 @@ mod tests {
     /// by the integration tests on v2 hosts.)
     #[test]
     fn v2_layout_on_a_fake_tree() {
+        // (subtree_control lists cpu already, so delegation writes nothing.)
         let root = tempfile::tempdir().unwrap();
         let own = "/system.slice/stead.service";
         let own_dir = root.path().join(own.trim_start_matches('/'));
@@ -779,7 +857,7 @@ mod tests {
         // `stead` will be created; pretend the kernel fills it in.
         let stead = own_dir.join(STEAD_DIR);
         fs::create_dir(&stead).unwrap();
-        fs::write(stead.join("cgroup.subtree_control"), "memory pids\n").unwrap();
+        fs::write(stead.join("cgroup.subtree_control"), "cpu memory pids\n").unwrap();
         let layout = CgroupLayout::prepare_v2(root.path(), &entries, None).unwrap();
         assert_eq!(layout.version, CgroupVersion::V2);
         assert_eq!(layout.memory_parent, stead);
@@ -789,17 +867,18 @@ mod tests {
         fs::write(stead.join("inst").join("memory.swap.max"), "max").unwrap();
         let paths = layout.paths_for("inst");
         assert_eq!(paths.pids, None);
-        paths.set_limits("inst", 64 << 20, 100).unwrap();
+        paths.set_limits("inst", 64 << 20, 100, Some(500)).unwrap();
         let read = |f: &str| fs::read_to_string(stead.join("inst").join(f)).unwrap();
         assert_eq!(read("memory.max"), (64u64 << 20).to_string());
         assert_eq!(read("memory.swap.max"), "0");
         assert_eq!(read("pids.max"), "100");
+        assert_eq!(read("cpu.max"), "50000 100000");
         assert_eq!(paths.dirs(), vec![stead.join("inst").as_path()]);
 
         // An explicit parent is taken from the hierarchy root.
         let alt = root.path().join("stead-sandboxes");
         fs::create_dir(&alt).unwrap();
-        fs::write(alt.join("cgroup.subtree_control"), "memory pids").unwrap();
+        fs::write(alt.join("cgroup.subtree_control"), "cpu memory pids").unwrap();
         let layout =
             CgroupLayout::prepare_v2(root.path(), &entries, Some("/stead-sandboxes")).unwrap();
         assert_eq!(layout.memory_parent, alt);

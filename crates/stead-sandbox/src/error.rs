@@ -94,6 +94,14 @@ pub enum SandboxError {
         source: io::Error,
     },
 
+    /// The spec (or the adopted record) asks for a backend this host does
+    /// not have (gvisor without `runsc`).
+    #[error("sandbox {id}: the {backend} sandbox backend is not available on this host")]
+    BackendUnavailable {
+        id: String,
+        backend: crate::spec::Backend,
+    },
+
     /// A function that needs tokio's reactor was called outside a runtime.
     #[error("{what} must be called from within a tokio runtime")]
     NoRuntime { what: &'static str },

@@ -41,6 +41,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
+use crate::confine::{self, MountOp, Rlimit, SeccompMode, APP_ID_IN_SANDBOX};
+
 /// `argv[1]` that makes a binary run [`init_main`].
 pub const INIT_SUBCOMMAND: &str = "__sandbox-init";
 
@@ -61,6 +63,21 @@ pub(crate) struct InitConfig {
     pub env: BTreeMap<String, String>,
     /// Bring `lo` up (the sandbox has its own network namespace).
     pub loopback_up: bool,
+    /// Pivot into a root of its own and run as an unprivileged user.
+    #[serde(default)]
+    pub confine: Option<InitConfine>,
+}
+
+/// The confinement the agent planned (the init executes, never decides).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct InitConfine {
+    /// Builds the new root at `staging`.
+    pub ops: Vec<MountOp>,
+    pub staging: PathBuf,
+    /// The host uid and gid the app's id in the sandbox maps to.
+    pub host_id: u32,
+    pub seccomp: SeccompMode,
+    pub rlimits: Vec<Rlimit>,
 }
 
 /// Signals the init processes pass on towards the command.
@@ -238,7 +255,178 @@ fn prepare_outer(config: OwnedFd, status: &OwnedFd) -> Result<(InitConfig, SigSe
     if cfg.loopback_up {
         bring_up_loopback()?;
     }
+    if let Some(c) = &cfg.confine {
+        confine::apply(&c.ops, &mut confine::LinuxMounts)
+            .map_err(|(step, source)| InitError { step, source })?;
+        // Here, while still root on the host: raising a hard limit needs
+        // CAP_SYS_RESOURCE there. pid 1 and the command inherit them.
+        confine::set_rlimits(&c.rlimits).ctx("setting rlimits")?;
+    }
     Ok((cfg, signals))
+}
+
+/// The pipes with which pid 1 and the outer init hand over the user
+/// namespace: pid 1 unshares it and says so; the outer init (still root on
+/// the host) writes its id maps and says so. A process cannot map ids of
+/// the host into its own new namespace; its parent can.
+struct UsernsSync {
+    unshared_r: OwnedFd,
+    unshared_w: OwnedFd,
+    mapped_r: OwnedFd,
+    mapped_w: OwnedFd,
+    /// The host's /proc, opened before the pivot hides it.
+    host_proc: OwnedFd,
+}
+
+/// pid 1's ends of [`UsernsSync`].
+struct Pid1Sync {
+    unshared_w: OwnedFd,
+    mapped_r: OwnedFd,
+}
+
+/// The outer init's ends of [`UsernsSync`]. Each side closes the other's
+/// ends, so that a side that dies is seen as end-of-file, not waited for.
+struct OuterSync {
+    unshared_r: OwnedFd,
+    mapped_w: OwnedFd,
+    host_proc: OwnedFd,
+}
+
+impl UsernsSync {
+    fn split(self) -> (Pid1Sync, OuterSync) {
+        (
+            Pid1Sync {
+                unshared_w: self.unshared_w,
+                mapped_r: self.mapped_r,
+            },
+            OuterSync {
+                unshared_r: self.unshared_r,
+                mapped_w: self.mapped_w,
+                host_proc: self.host_proc,
+            },
+        )
+    }
+}
+
+fn userns_sync() -> Result<UsernsSync, InitError> {
+    let (unshared_r, unshared_w) = pipe()?;
+    let (mapped_r, mapped_w) = pipe()?;
+    let host_proc = File::open("/proc").ctx("opening the host's /proc")?.into();
+    Ok(UsernsSync {
+        unshared_r,
+        unshared_w,
+        mapped_r,
+        mapped_w,
+        host_proc,
+    })
+}
+
+fn read_byte(fd: &OwnedFd) -> bool {
+    let mut b = [0u8; 1];
+    loop {
+        // SAFETY: read into a 1-byte buffer from an fd we own.
+        let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return n == 1;
+    }
+}
+
+fn write_byte(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: write of 1 byte from a static buffer to an fd we own.
+    if unsafe { libc::write(fd.as_raw_fd(), b"x".as_ptr().cast(), 1) } != 1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// In the outer init: writes pid 1's uid and gid maps once it has
+/// unshared its user namespace (`sandbox id 1000 = host id host_id`).
+fn map_ids(sync: &OuterSync, pid1: Pid, host_id: u32) -> Result<(), InitError> {
+    if !read_byte(&sync.unshared_r) {
+        // pid 1 failed before (and reported why itself) or was killed: the
+        // supervision loop collects its status.
+        return Ok(());
+    }
+    let line = format!("{APP_ID_IN_SANDBOX} {host_id} 1\n");
+    for file in ["uid_map", "gid_map"] {
+        let rel = CString::new(format!("{}/{file}", pid1.as_raw()))
+            .map_err(io::Error::other)
+            .ctx("map path")?;
+        // SAFETY: openat relative to our /proc fd, with a valid C string.
+        let fd = unsafe {
+            libc::openat(
+                sync.host_proc.as_raw_fd(),
+                rel.as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error()).ctx(format!("opening /proc/{rel:?}"));
+        }
+        // SAFETY: a descriptor openat just gave us.
+        let mut f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        std::io::Write::write_all(&mut f, line.as_bytes())
+            .ctx(format!("writing {file} ({})", line.trim()))?;
+    }
+    write_byte(&sync.mapped_w).ctx("telling pid 1 its ids are mapped")
+}
+
+/// In pid 1, still root on the host: mounts its /proc in the new root,
+/// pivots into it, and detaches the host's tree.
+fn pivot(c: &InitConfine) -> Result<(), InitError> {
+    let proc_dir = confine::under(&c.staging, std::path::Path::new("/proc"));
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .ctx("mounting /proc in the new root")?;
+    nix::unistd::chdir(&c.staging).ctx("entering the new root")?;
+    // pivot_root(".", "."): the old root ends up stacked on the new one,
+    // and is detached right away; no directory for it is needed.
+    nix::unistd::pivot_root(".", ".").ctx("pivot_root")?;
+    nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH).ctx("detaching the old root")?;
+    nix::unistd::chdir("/").ctx("chdir /")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .ctx("making the new root read-only")
+}
+
+/// In pid 1: enters a user namespace of its own, waits for its ids to be
+/// mapped, empties the bounding set and becomes the app's user with no
+/// capabilities.
+fn become_app_user(sync: &Pid1Sync) -> Result<(), InitError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).ctx("unshare(CLONE_NEWUSER)")?;
+    write_byte(&sync.unshared_w).ctx("telling the outer init about the user namespace")?;
+    if !read_byte(&sync.mapped_r) {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof)).ctx("waiting for the id maps");
+    }
+    confine::drop_bounding_caps().ctx("dropping the capability bounding set")?;
+    nix::unistd::setgroups(&[]).ctx("setgroups([])")?;
+    let id = nix::unistd::Gid::from_raw(APP_ID_IN_SANDBOX);
+    nix::unistd::setresgid(id, id, id).ctx("setresgid")?;
+    let id = nix::unistd::Uid::from_raw(APP_ID_IN_SANDBOX);
+    nix::unistd::setresuid(id, id, id).ctx("setresuid")?;
+    confine::clear_caps().ctx("clearing capabilities")?;
+    // No /proc/1/mem games by the app, which runs as the same user.
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error()).ctx("prctl(PR_SET_DUMPABLE, 0)");
+    }
+    Ok(())
 }
 
 /// `ip link set lo up`, with the two ioctls it boils down to.
@@ -282,6 +470,14 @@ fn outer(config: OwnedFd, status: OwnedFd) -> ! {
         Ok(p) => p,
         Err(e) => fail(&status, &e, EXIT_SETUP_FAILED),
     };
+    let (pid1_sync, outer_sync) = match cfg.confine.as_ref().map(|_| userns_sync()).transpose() {
+        Ok(Some(s)) => {
+            let (a, b) = s.split();
+            (Some(a), Some(b))
+        }
+        Ok(None) => (None, None),
+        Err(e) => fail(&status, &e, EXIT_SETUP_FAILED),
+    };
     // SAFETY: this process is single-threaded, so the child may do anything.
     match unsafe { fork() } {
         Err(e) => fail(
@@ -295,12 +491,21 @@ fn outer(config: OwnedFd, status: OwnedFd) -> ! {
         Ok(ForkResult::Child) => {
             drop(lifeline_w);
             drop(relay_r);
-            pid1(cfg, status, lifeline_r, relay_w, signals)
+            drop(outer_sync);
+            pid1(cfg, status, lifeline_r, relay_w, signals, pid1_sync)
         }
         Ok(ForkResult::Parent { child }) => {
-            drop(status);
             drop(lifeline_r);
             drop(relay_w);
+            drop(pid1_sync);
+            if let (Some(sync), Some(c)) = (&outer_sync, &cfg.confine) {
+                if let Err(e) = map_ids(sync, child, c.host_id) {
+                    let _ = kill(child, Signal::SIGKILL);
+                    fail(&status, &e, EXIT_SETUP_FAILED);
+                }
+            }
+            drop(outer_sync);
+            drop(status);
             supervise_pid1(child, relay_r, lifeline_w, signals)
         }
     }
@@ -425,28 +630,57 @@ fn prepare_exec(cfg: &InitConfig) -> Result<Exec, InitError> {
     Ok(Exec { argv, envp })
 }
 
-fn pid1_setup(cfg: &InitConfig, lifeline: &OwnedFd) -> Result<Exec, InitError> {
+fn pid1_setup(
+    cfg: &InitConfig,
+    lifeline: &OwnedFd,
+    sync: Option<&Pid1Sync>,
+) -> Result<(Exec, Vec<seccompiler::BpfProgram>), InitError> {
     // If the outer init dies, so do we, and with us (the namespace's init)
     // every process of the sandbox.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).ctx("prctl(PR_SET_PDEATHSIG)")?;
     if parent_gone(lifeline) {
         exit_now(1);
     }
-    mount(
-        Some("proc"),
-        "/proc",
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .ctx("mounting a fresh /proc")?;
-    prepare_exec(cfg)
+    let mut filters = Vec::new();
+    match (&cfg.confine, sync) {
+        (Some(c), Some(sync)) => {
+            pivot(c)?;
+            become_app_user(sync)?;
+            // Changing credentials cleared the parent-death signal.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).ctx("prctl(PR_SET_PDEATHSIG) again")?;
+            if parent_gone(lifeline) {
+                exit_now(1);
+            }
+            filters = confine::seccomp_filters(c.seccomp)
+                .map_err(io::Error::other)
+                .ctx("building the seccomp filters")?;
+        }
+        _ => {
+            mount(
+                Some("proc"),
+                "/proc",
+                Some("proc"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            )
+            .ctx("mounting a fresh /proc")?;
+        }
+    }
+    Ok((prepare_exec(cfg)?, filters))
 }
 
-fn pid1(cfg: InitConfig, status: OwnedFd, lifeline: OwnedFd, relay: OwnedFd, signals: SigSet) -> ! {
-    let prepared = pid1_setup(&cfg, &lifeline);
+fn pid1(
+    cfg: InitConfig,
+    status: OwnedFd,
+    lifeline: OwnedFd,
+    relay: OwnedFd,
+    signals: SigSet,
+    sync: Option<Pid1Sync>,
+) -> ! {
+    let prepared = pid1_setup(&cfg, &lifeline, sync.as_ref());
+    drop(sync);
     drop(lifeline);
-    let exec = match prepared {
+    let (exec, filters) = match prepared {
         Ok(e) => e,
         Err(e) => fail(&status, &e, EXIT_SETUP_FAILED),
     };
@@ -461,7 +695,7 @@ fn pid1(cfg: InitConfig, status: OwnedFd, lifeline: OwnedFd, relay: OwnedFd, sig
             EXIT_SETUP_FAILED,
         ),
         Ok(ForkResult::Child) => {
-            let err = run_command(&cfg, &exec);
+            let err = run_command(&cfg, &exec, &filters);
             fail(&status, &err, EXIT_EXEC_FAILED)
         }
         Ok(ForkResult::Parent { child }) => {
@@ -507,7 +741,7 @@ fn reap(command: Pid, relay: OwnedFd, signals: SigSet) -> ! {
 
 /// In the command's process: everything after fork up to exec. Returns only
 /// on failure.
-fn run_command(cfg: &InitConfig, exec: &Exec) -> InitError {
+fn run_command(cfg: &InitConfig, exec: &Exec, filters: &[seccompiler::BpfProgram]) -> InitError {
     let r = (|| -> Result<Infallible, InitError> {
         // Start with default dispositions and nothing blocked, as any program
         // expects (the init binary, being Rust, ignores SIGPIPE).
@@ -535,6 +769,10 @@ fn run_command(cfg: &InitConfig, exec: &Exec) -> InitError {
         let shell = CString::new(SHELL)
             .map_err(io::Error::other)
             .ctx("shell path")?;
+        if cfg.confine.is_some() {
+            // Last: the filter also applies to what we would call next.
+            confine::lock_down(filters).ctx("no_new_privs and seccomp")?;
+        }
         nix::unistd::execve(&shell, &exec.argv, &exec.envp).ctx(format!("executing {SHELL}"))
     })();
     match r {
@@ -582,6 +820,7 @@ mod tests {
             command: "echo hi".into(),
             env: BTreeMap::from([("A".into(), "b".into())]),
             loopback_up: false,
+            confine: None,
         };
         let e = prepare_exec(&cfg)
             .ok()

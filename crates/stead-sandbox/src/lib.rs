@@ -31,25 +31,47 @@
 //! processes into a `stead-agent` leaf so that it may delegate to
 //! `<its cgroup>/stead`.
 //!
-//! Still to come (hence [`SandboxSpec`] is built to grow): a user namespace,
-//! pivot_root into a read-only root, seccomp, no_new_privs, dropped
-//! capabilities, CPU limits, egress rules for the network namespace.
+//! **Confinement** ([`Confinement`] in the spec; what instances get, builds
+//! do not): the outer init, still root on the host, builds a new root in
+//! its mount namespace (a tmpfs holding read-only binds of the host's
+//! runtime directories and of the app's folder at its own path, a
+//! size-limited `/tmp` and data directory, a minimal `/dev`) and sets
+//! rlimits; pid 1 mounts its `/proc` there, pivots into it, detaches the
+//! host's tree, makes `/` read-only, then enters a user namespace of its
+//! own whose id 1000 the outer init maps to an unprivileged host id, empties
+//! the capability bounding set and becomes that user. The command gets
+//! no_new_privs and a seccomp filter ([`confine::DENIED_SYSCALLS`]). All
+//! namespaces but the user one belong to the host's user namespace, so even
+//! a capability regained inside would not let the app mount, configure its
+//! network or change its hostname. The plan is computed by the agent and
+//! only executed by the init, behind a seam ([`confine::MountSys`]) that
+//! the unit tests replace.
+//!
+//! Backends: [`Sandboxes`] holds the process backend and, when `runsc` is
+//! installed, the gVisor one ([`GvisorSandbox`]); both implement
+//! [`Sandbox`] and return the same [`SandboxProcess`] handle.
 
+mod backend;
 mod cgroup;
+pub mod confine;
 mod error;
 mod exit;
+mod gvisor;
 mod init;
 mod netns;
 mod process;
 mod spec;
 mod sys;
 
+pub use backend::{BoxFuture, Sandbox, Sandboxes};
 pub use cgroup::{CgroupPaths, CgroupVersion};
+pub use confine::{Confinement, SeccompMode};
 pub use error::SandboxError;
 pub use exit::{signal_name, ExitInfo};
+pub use gvisor::{find_runsc, GvisorSandbox};
 pub use init::{init_main, EXIT_EXEC_FAILED, EXIT_SETUP_FAILED, INIT_SUBCOMMAND};
-pub use process::{Persisted, ProcessSandbox, SandboxProcess};
+pub use process::{Persisted, ProcessSandbox, SandboxProcess, DEFAULT_STAGING_DIR};
 pub use spec::{
-    NetworkMode, Output, SandboxSpec, DEFAULT_MEMORY_MB, DEFAULT_PATH, DEFAULT_PIDS_MAX,
+    Backend, NetworkMode, Output, SandboxSpec, DEFAULT_MEMORY_MB, DEFAULT_PATH, DEFAULT_PIDS_MAX,
     INIT_PROCESSES, MAX_HOSTNAME_LEN, MAX_ID_LEN,
 };

@@ -19,10 +19,11 @@ use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::sync::watch;
 
 use crate::cgroup::{CgroupLayout, CgroupPaths, CgroupVersion};
+use crate::confine::{self, RealHostFs};
 use crate::error::SandboxError;
 use crate::exit::ExitInfo;
-use crate::init::{InitConfig, INIT_SUBCOMMAND};
-use crate::spec::{NetworkMode, Output, SandboxSpec};
+use crate::init::{InitConfig, InitConfine, INIT_SUBCOMMAND};
+use crate::spec::{Backend, NetworkMode, Output, SandboxSpec};
 use crate::{netns, sys};
 
 /// How long the init may take to execute the command before we give up.
@@ -37,7 +38,13 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 pub struct ProcessSandbox {
     init_exe: PathBuf,
     cgroups: CgroupLayout,
+    /// Empty directory every confined sandbox mounts its new root on, each
+    /// in its own mount namespace (so one serves them all).
+    staging: PathBuf,
 }
+
+/// Where confined sandboxes build their root (see `ProcessSandbox::staging`).
+pub const DEFAULT_STAGING_DIR: &str = "/run/stead-sandbox/root";
 
 /// What an agent stores about a running sandbox so that, after a restart
 /// (even a SIGKILL), it can [`ProcessSandbox::adopt`] it again.
@@ -52,6 +59,9 @@ pub struct Persisted {
     pub cgroup: CgroupPaths,
     pub memory_mb: u64,
     pub network: NetworkMode,
+    /// Which backend started it (records of older agents: process).
+    #[serde(default)]
+    pub backend: Backend,
 }
 
 /// Where [`SandboxProcess::connect`] connects.
@@ -74,6 +84,7 @@ pub struct SandboxProcess {
     cgroup: CgroupPaths,
     memory_mb: u64,
     network: NetworkMode,
+    backend: Backend,
     /// The sandbox's network namespace, for `connect`.
     netns: Netns,
     stdout: Option<ChildStdout>,
@@ -233,7 +244,17 @@ impl ProcessSandbox {
             &init_exe,
         ))?;
         let cgroups = CgroupLayout::detect(parent)?;
-        Ok(ProcessSandbox { init_exe, cgroups })
+        let staging = PathBuf::from(DEFAULT_STAGING_DIR);
+        std::fs::create_dir_all(&staging).map_err(io_err(
+            "-",
+            "creating the staging directory",
+            &staging,
+        ))?;
+        Ok(ProcessSandbox {
+            init_exe,
+            cgroups,
+            staging,
+        })
     }
 
     pub fn cgroup_version(&self) -> CgroupVersion {
@@ -256,13 +277,29 @@ impl ProcessSandbox {
                 id: id.clone(),
                 reason: "memory_mb out of range".into(),
             })?;
+        let mut env = spec.full_env();
+        let confine = spec.confine.as_ref().map(|c| {
+            let host_id = c.host_id(&id);
+            let path = env.get("PATH").cloned().unwrap_or_default();
+            env.insert("PATH".into(), confine::sandbox_path(c, &spec.cwd, &path));
+            // The app's folder is read-only: its home is the data dir.
+            env.insert("HOME".into(), confine::DATA_DIR.into());
+            InitConfine {
+                ops: confine::plan_root(c, &spec.cwd, &self.staging, host_id, &RealHostFs),
+                staging: self.staging.clone(),
+                host_id,
+                seccomp: c.seccomp,
+                rlimits: c.rlimits.clone(),
+            }
+        });
         let config = InitConfig {
             id: id.clone(),
             hostname: spec.hostname(),
             cwd: spec.cwd.clone(),
             command: spec.command.clone(),
-            env: spec.full_env(),
+            env,
             loopback_up: spec.network == NetworkMode::Isolated,
+            confine,
         };
         let json = serde_json::to_vec(&config)
             .map_err(io::Error::other)
@@ -277,7 +314,9 @@ impl ProcessSandbox {
         let stdout = open_output(&id, &spec.stdout, "opening the stdout file")?;
         let stderr = open_output(&id, &spec.stderr, "opening the stderr file")?;
 
-        let cgroup = self.cgroups.create(&id, memory_bytes, spec.pids_max)?;
+        let cgroup = self
+            .cgroups
+            .create(&id, memory_bytes, spec.pids_max, spec.cpu_millis)?;
         let io = StartIo {
             config_fd,
             status_r,
@@ -378,6 +417,7 @@ impl ProcessSandbox {
                     cgroup: cgroup.clone(),
                     memory_mb: spec.memory_mb,
                     network: spec.network,
+                    backend: spec.backend,
                     netns,
                     stdout,
                     stderr,
@@ -534,6 +574,7 @@ impl ProcessSandbox {
             cgroup: persisted.cgroup.clone(),
             memory_mb: persisted.memory_mb,
             network: persisted.network,
+            backend: persisted.backend,
             netns,
             stdout: None,
             stderr: None,
@@ -565,6 +606,11 @@ impl SandboxProcess {
         &self.cgroup
     }
 
+    /// The backend running it.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
     /// What to store to [`ProcessSandbox::adopt`] this sandbox after an
     /// agent restart.
     pub fn persisted(&self) -> Persisted {
@@ -575,6 +621,7 @@ impl SandboxProcess {
             cgroup: self.cgroup.clone(),
             memory_mb: self.memory_mb,
             network: self.network,
+            backend: self.backend,
         }
     }
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::confine::Confinement;
 use crate::error::SandboxError;
 
 /// PATH given to the command when the spec's environment has none.
@@ -49,6 +50,44 @@ pub enum NetworkMode {
     Host,
 }
 
+/// Which sandbox backend runs an instance.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Linux namespaces, cgroups, seccomp: starts in milliseconds.
+    #[default]
+    Process,
+    /// gVisor's `runsc` (a user-space kernel): every system call of the app
+    /// is served by gVisor, not by the host's kernel.
+    Gvisor,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Process => "process",
+            Backend::Gvisor => "gvisor",
+        }
+    }
+
+    /// Parses `process` or `gvisor`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "process" => Some(Backend::Process),
+            "gvisor" => Some(Backend::Gvisor),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Everything needed to start a sandbox. Construct with [`SandboxSpec::new`]
 /// and struct-update syntax (`SandboxSpec { memory_mb: 256,
 /// ..SandboxSpec::new(id, cwd, cmd) }`) so that code keeps compiling as the
@@ -75,6 +114,13 @@ pub struct SandboxSpec {
     pub stdout: Output,
     pub stderr: Output,
     pub network: NetworkMode,
+    /// CPU quota in thousandths of a CPU (1000 = one CPU's worth of time
+    /// per period); `None`: unlimited.
+    pub cpu_millis: Option<u64>,
+    /// The root filesystem, user and system calls the command is confined
+    /// to; `None`: the host's root filesystem and the agent's user (builds).
+    pub confine: Option<Confinement>,
+    pub backend: Backend,
 }
 
 impl SandboxSpec {
@@ -91,6 +137,9 @@ impl SandboxSpec {
             stdout: Output::Null,
             stderr: Output::Null,
             network: NetworkMode::Isolated,
+            cpu_millis: None,
+            confine: None,
+            backend: Backend::Process,
         }
     }
 
@@ -130,6 +179,12 @@ impl SandboxSpec {
                 "pids_max {} leaves no room for the command (the sandbox's init uses {INIT_PROCESSES})",
                 self.pids_max
             )));
+        }
+        if self.cpu_millis == Some(0) {
+            return Err(self.invalid("cpu_millis 0 would never let the command run"));
+        }
+        if self.confine.is_some() && self.network == NetworkMode::Host {
+            return Err(self.invalid("a confined sandbox cannot share the host's network"));
         }
         for (name, out) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
             if let Output::File(p) = out {

@@ -1,0 +1,389 @@
+//! The `gvisor` backend: the app runs under gVisor's `runsc` (a kernel in
+//! user space, `--platform=ptrace`), so the host kernel only ever sees
+//! gVisor's few system calls, never the app's.
+//!
+//! It is built on the process backend rather than beside it: a gVisor
+//! sandbox is a process sandbox (own cgroup with the memory, CPU and pids
+//! limits, own pid, mount, uts, ipc and network namespaces, adoption after
+//! an agent restart, exit and OOM reporting) whose command is a small
+//! supervisor script that runs `runsc create/start/wait` on an OCI bundle
+//! generated from the spec. `runsc --network=host` then uses the network
+//! namespace it was started in, which has only `lo`: the app's port is
+//! reached with [`crate::SandboxProcess::connect`] exactly as with the
+//! process backend, and a database exposed with `listen` is on its
+//! 127.0.0.1. Signals the agent sends (SIGTERM to stop) are turned into
+//! `runsc kill` by the script; the container's exit status becomes the
+//! script's.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::backend::{BoxFuture, Sandbox};
+use crate::confine::{self, Confinement, DATA_DIR};
+use crate::error::SandboxError;
+use crate::process::{Persisted, ProcessSandbox, SandboxProcess};
+use crate::spec::{Backend, NetworkMode, SandboxSpec};
+
+/// Where bundles and runsc's state live.
+pub const GVISOR_DIR: &str = "/run/stead-sandbox/gvisor";
+/// The uid/gid the app runs as inside gVisor.
+const APP_ID: u32 = confine::APP_ID_IN_SANDBOX;
+
+/// The gVisor backend (see the module docs).
+#[derive(Debug)]
+pub struct GvisorSandbox {
+    process: ProcessSandbox,
+    runsc: PathBuf,
+    dir: PathBuf,
+    /// The read-only host paths and limits of the bundle's root.
+    confinement: Confinement,
+}
+
+/// Finds `runsc` on PATH (or the usual places).
+pub fn find_runsc() -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .chain(["/usr/bin", "/usr/local/bin", "/usr/sbin"].map(PathBuf::from))
+        .map(|d| d.join("runsc"))
+        .find(|p| p.is_file())
+}
+
+impl GvisorSandbox {
+    /// Available when `runsc` is installed and answers `--version`.
+    pub fn detect(init_exe: PathBuf) -> Result<Self, SandboxError> {
+        let unavailable = |reason: String| SandboxError::BackendUnavailable {
+            id: format!("- ({reason})"),
+            backend: Backend::Gvisor,
+        };
+        let runsc = find_runsc().ok_or_else(|| unavailable("runsc is not installed".into()))?;
+        let ok = std::process::Command::new(&runsc)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            return Err(unavailable(format!("{} --version failed", runsc.display())));
+        }
+        let dir = PathBuf::from(GVISOR_DIR);
+        std::fs::create_dir_all(dir.join("state")).map_err(|source| SandboxError::Io {
+            id: "-".into(),
+            what: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(GvisorSandbox {
+            process: ProcessSandbox::new(init_exe)?,
+            runsc,
+            dir,
+            confinement: Confinement::detect(),
+        })
+    }
+
+    pub fn runsc(&self) -> &Path {
+        &self.runsc
+    }
+
+    fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("bundles").join(id)
+    }
+
+    async fn spawn_gvisor(&self, spec: SandboxSpec) -> Result<SandboxProcess, SandboxError> {
+        spec.validate()?;
+        if spec.network == NetworkMode::Host {
+            return Err(SandboxError::InvalidSpec {
+                id: spec.id.clone(),
+                reason: "the gvisor backend runs instances, which never share the host network"
+                    .into(),
+            });
+        }
+        let conf = spec
+            .confine
+            .clone()
+            .unwrap_or_else(|| self.confinement.clone());
+        let bundle = self.bundle_dir(&spec.id);
+        let config = oci_config(&spec, &conf, &RealPaths);
+        let io_err = |what: &'static str, path: &Path| {
+            let (id, path) = (spec.id.clone(), path.to_owned());
+            move |source| SandboxError::Io {
+                id,
+                what,
+                path,
+                source,
+            }
+        };
+        let rootfs = bundle.join("rootfs");
+        tokio::fs::create_dir_all(&rootfs)
+            .await
+            .map_err(io_err("creating", &rootfs))?;
+        let cfg_path = bundle.join("config.json");
+        let bytes = serde_json::to_vec_pretty(&config)
+            .map_err(std::io::Error::other)
+            .map_err(io_err("serializing", &cfg_path))?;
+        tokio::fs::write(&cfg_path, bytes)
+            .await
+            .map_err(io_err("writing", &cfg_path))?;
+        let script = supervisor_script(&self.runsc, &self.dir.join("state"), &bundle, &spec.id);
+        let outer = SandboxSpec {
+            command: script,
+            // runsc needs root on the host to build its sandbox: gVisor
+            // itself is the confinement here.
+            confine: None,
+            cwd: "/".into(),
+            env: [("PATH".to_owned(), crate::DEFAULT_PATH.to_owned())].into(),
+            backend: Backend::Gvisor,
+            ..spec
+        };
+        let result = self.process.spawn(outer).await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_dir_all(&bundle).await;
+        }
+        result
+    }
+}
+
+impl Sandbox for GvisorSandbox {
+    fn backend(&self) -> Backend {
+        Backend::Gvisor
+    }
+    fn spawn(&self, spec: SandboxSpec) -> BoxFuture<'_, Result<SandboxProcess, SandboxError>> {
+        Box::pin(self.spawn_gvisor(spec))
+    }
+    fn adopt(&self, persisted: &Persisted) -> Result<Option<SandboxProcess>, SandboxError> {
+        self.process.adopt(persisted)
+    }
+}
+
+/// Quotes for `sh`: single quotes, with embedded ones spliced in.
+pub(crate) fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The script the process sandbox runs: create and start the container,
+/// turn the signals pid 1 forwards into `runsc kill`, wait for the
+/// container (again after each signal: `runsc wait` dies of them too) and
+/// exit with its status; remove the container and the bundle at the end.
+pub(crate) fn supervisor_script(runsc: &Path, state: &Path, bundle: &Path, id: &str) -> String {
+    // Sandbox ids are ASCII letters, digits, '-', '_' and '.' (validated),
+    // so quoting them is belt and braces.
+    let id = sh_quote(id);
+    let b = sh_quote(&bundle.display().to_string());
+    let mut s = format!(
+        "r() {{ {} --root {} --platform=ptrace --network=host \"$@\"; }}\n",
+        sh_quote(&runsc.display().to_string()),
+        sh_quote(&state.display().to_string())
+    );
+    s.push_str(&format!(
+        "r delete -force {id} >/dev/null 2>&1\n\
+         r create --bundle {b} {id} || {{ rm -rf {b}; exit 125; }}\n"
+    ));
+    for sig in ["TERM", "INT", "HUP", "QUIT", "USR1", "USR2"] {
+        s.push_str(&format!(
+            "trap \"r kill {id} {sig} >/dev/null 2>&1\" {sig}\n"
+        ));
+    }
+    s.push_str(&format!(
+        "r start {id} || {{ r delete -force {id}; rm -rf {b}; exit 125; }}\n\
+         out=''\n\
+         while :; do\n\
+         \x20 out=$(r wait {id} 2>/dev/null) && break\n\
+         \x20 r state {id} >/dev/null 2>&1 || break\n\
+         done\n\
+         r delete -force {id} >/dev/null 2>&1\n\
+         rm -rf {b}\n\
+         st=$(printf '%s' \"$out\" | sed -n 's/.*\"exitStatus\":\\([0-9]*\\).*/\\1/p')\n\
+         exit \"${{st:-1}}\"\n"
+    ));
+    s
+}
+
+/// What the OCI config generator needs to know about host paths.
+pub(crate) trait PathKinds {
+    /// None: missing. Some(true): a directory.
+    fn is_dir(&self, p: &Path) -> Option<bool>;
+    fn canonical(&self, p: &Path) -> Option<PathBuf>;
+}
+
+struct RealPaths;
+
+impl PathKinds for RealPaths {
+    fn is_dir(&self, p: &Path) -> Option<bool> {
+        std::fs::metadata(p).ok().map(|m| m.is_dir())
+    }
+    fn canonical(&self, p: &Path) -> Option<PathBuf> {
+        std::fs::canonicalize(p).ok()
+    }
+}
+
+/// The OCI runtime config of an instance: a read-only root made of
+/// read-only binds of the host's runtime paths and the app's folder, a
+/// private /tmp and data directory (tmpfs, size-limited), the app's
+/// environment and limits; no capabilities, no new privileges.
+pub(crate) fn oci_config(spec: &SandboxSpec, conf: &Confinement, paths: &dyn PathKinds) -> Value {
+    let mut env = spec.full_env();
+    let path = env.get("PATH").cloned().unwrap_or_default();
+    env.insert("PATH".into(), confine::sandbox_path(conf, &spec.cwd, &path));
+    env.insert("HOME".into(), DATA_DIR.into());
+    let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+        json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "nodev", "mode=1777", format!("size={}m", conf.tmp_mb.max(1))]}),
+        json!({"destination": DATA_DIR, "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "nodev", "mode=0700", format!("uid={APP_ID}"), format!("gid={APP_ID}"),
+                           format!("size={}m", conf.data_mb.max(1))]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+               "options": ["nosuid", "nodev", "noexec", "mode=1777", format!("size={}m", conf.shm_mb.max(1))]}),
+    ];
+    for p in conf
+        .ro_paths
+        .iter()
+        .chain(std::iter::once(&spec.cwd))
+        .filter(|p| p.is_absolute())
+    {
+        // runsc follows the source; bind what a link resolves to at the
+        // link's own path (so /bin -> usr/bin becomes a bind of /usr/bin).
+        let Some(src) = paths.canonical(p) else {
+            continue;
+        };
+        if paths.is_dir(&src).is_none() {
+            continue;
+        }
+        mounts.push(json!({
+            "destination": p, "type": "bind", "source": src,
+            "options": ["rbind", "ro", "nosuid", "nodev"]
+        }));
+    }
+    let memory = spec.memory_bytes().unwrap_or(u64::MAX);
+    let mut resources = json!({
+        "memory": {"limit": memory},
+        "pids": {"limit": spec.pids_max},
+    });
+    if let Some(m) = spec.cpu_millis {
+        let (quota, period) = crate::cgroup::cpu_quota(m);
+        resources["cpu"] = json!({"quota": quota, "period": period});
+    }
+    json!({
+        "ociVersion": "1.0.0",
+        "process": {
+            "terminal": false,
+            "user": {"uid": APP_ID, "gid": APP_ID},
+            "args": ["/bin/sh", "-c", spec.command],
+            "env": env,
+            "cwd": spec.cwd,
+            "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
+            "noNewPrivileges": true,
+            "rlimits": conf.rlimits.iter().filter_map(|l| {
+                let name = match l.resource {
+                    confine::RlimitResource::Core => "RLIMIT_CORE",
+                    confine::RlimitResource::Nofile => "RLIMIT_NOFILE",
+                    confine::RlimitResource::Memlock => "RLIMIT_MEMLOCK",
+                    confine::RlimitResource::Msgqueue => "RLIMIT_MSGQUEUE",
+                    confine::RlimitResource::Fsize => "RLIMIT_FSIZE",
+                    confine::RlimitResource::Nproc => return None,
+                };
+                Some(json!({"type": name, "hard": l.value, "soft": l.value}))
+            }).collect::<Vec<_>>(),
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": spec.hostname(),
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "resources": resources,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    struct Fake(BTreeMap<PathBuf, (PathBuf, bool)>);
+    impl PathKinds for Fake {
+        fn is_dir(&self, p: &Path) -> Option<bool> {
+            self.0.values().find(|(c, _)| c == p).map(|(_, d)| *d)
+        }
+        fn canonical(&self, p: &Path) -> Option<PathBuf> {
+            self.0.get(p).map(|(c, _)| c.clone())
+        }
+    }
+
+    #[test]
+    fn oci_config_binds_read_only_and_limits() {
+        let fake = Fake(BTreeMap::from([
+            ("/usr".into(), ("/usr".into(), true)),
+            ("/bin".into(), ("/usr/bin".into(), true)),
+            ("/app/v1".into(), ("/app/v1".into(), true)),
+            ("/etc/passwd".into(), ("/etc/passwd".into(), false)),
+        ]));
+        let conf = Confinement {
+            ro_paths: ["/usr", "/bin", "/etc/passwd", "/lib64"]
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
+            ..Confinement::default()
+        };
+        let mut spec = SandboxSpec::new("gv-1", "/app/v1", "exec ./server");
+        spec.env.insert("PORT".into(), "8000".into());
+        spec.memory_mb = 64;
+        spec.cpu_millis = Some(500);
+        let c = oci_config(&spec, &conf, &fake);
+        assert_eq!(c["process"]["args"][2], "exec ./server");
+        assert_eq!(c["process"]["cwd"], "/app/v1");
+        assert_eq!(c["process"]["user"]["uid"], 1000);
+        assert_eq!(c["process"]["noNewPrivileges"], true);
+        assert_eq!(c["linux"]["resources"]["memory"]["limit"], 64u64 << 20);
+        assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 50_000);
+        let env: Vec<&str> = c["process"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(env.contains(&"PORT=8000"));
+        assert!(env.contains(&"HOME=/data"));
+        let mounts = c["mounts"].as_array().unwrap();
+        let bind = |dst: &str| {
+            mounts
+                .iter()
+                .find(|m| m["destination"] == dst && m["type"] == "bind")
+                .cloned()
+        };
+        assert_eq!(bind("/bin").unwrap()["source"], "/usr/bin");
+        assert!(bind("/app/v1").unwrap()["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ro")));
+        assert!(bind("/lib64").is_none(), "missing on the host: skipped");
+        assert!(mounts.iter().all(
+            |m| m["type"] != "bind" || m["options"].as_array().unwrap().contains(&json!("ro"))
+        ));
+        assert_eq!(c["root"]["readonly"], true);
+        // No network namespace in the spec: runsc uses the sandbox's.
+        assert!(!c["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"type": "network"})));
+    }
+
+    #[test]
+    fn supervisor_script_quotes_and_traps() {
+        let s = supervisor_script(
+            Path::new("/usr/bin/runsc"),
+            Path::new("/run/x/state"),
+            Path::new("/run/x/b/id1"),
+            "id1",
+        );
+        assert!(s.contains("--platform=ptrace --network=host \"$@\""));
+        assert!(s.contains("r create --bundle '/run/x/b/id1' 'id1'"));
+        assert!(s.contains("trap \"r kill 'id1' TERM >/dev/null 2>&1\" TERM"));
+        assert_eq!(sh_quote("a'b"), "'a'\\''b'");
+    }
+}
