@@ -267,6 +267,11 @@ async fn build(
             stdout: Output::Pipe,
             stderr: Output::Pipe,
             network: NetworkMode::Host,
+            // Builds keep the host's root and network (package registries,
+            // toolchains); instances are the confined ones.
+            cpu_millis: None,
+            confine: None,
+            backend: stead_sandbox::Backend::Process,
         };
         let mut process =
             shared.sandbox.spawn(spec).await.map_err(|e| {

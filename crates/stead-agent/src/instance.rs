@@ -213,6 +213,11 @@ async fn launch(
         stdout: Output::File(dir.join("stdout.log")),
         stderr: Output::File(dir.join("stderr.log")),
         network: NetworkMode::Isolated,
+        // One CPU's worth per instance until apps can set their own: a
+        // spinning instance cannot starve the others.
+        cpu_millis: Some(1000),
+        confine: Some(shared.sandbox.confinement().clone()),
+        backend: shared.sandbox.default_backend(),
     };
     let process = shared
         .sandbox

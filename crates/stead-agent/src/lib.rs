@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use stead_api::{
     HeartbeatRequest, HeartbeatResponse, IntendedHostState, RegisterRequest, RegisterResponse,
 };
-use stead_sandbox::ProcessSandbox;
+use stead_sandbox::{Backend, Sandboxes};
 use tokio::sync::{Mutex, Notify};
 
 pub use client::{ApiClient, ClientError};
@@ -72,6 +72,9 @@ pub struct AgentConfig {
     pub build_memory_mb: u64,
     /// Run build tasks on this host.
     pub builds: bool,
+    /// Sandbox backend of instances whose app names none
+    /// (`stead agent --sandbox`).
+    pub sandbox: Backend,
 }
 
 impl AgentConfig {
@@ -94,6 +97,7 @@ impl AgentConfig {
             stop_instances_on_exit: false,
             build_memory_mb: 4096,
             builds: true,
+            sandbox: Backend::Process,
         }
     }
 }
@@ -109,7 +113,7 @@ pub(crate) fn now_ms() -> i64 {
 pub(crate) struct Shared {
     pub config: AgentConfig,
     pub client: ApiClient,
-    pub sandbox: ProcessSandbox,
+    pub sandbox: Sandboxes,
     pub host_id: String,
     pub session: String,
     pub instances: Mutex<BTreeMap<String, Instance>>,
@@ -143,7 +147,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let sandbox =
-        ProcessSandbox::new(config.init_exe.clone()).map_err(|source| AgentError::Sandbox {
+        Sandboxes::new(config.init_exe.clone(), config.sandbox).map_err(|source| AgentError::Sandbox {
             host: config.name.clone(),
             source,
         })?;
@@ -155,7 +159,7 @@ pub async fn run(
     let req = RegisterRequest {
         name: config.name.clone(),
         capacity,
-        backends: vec!["process".into()],
+        backends: sandbox.backends().iter().map(|b| b.to_string()).collect(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
     };
     // The control plane may still be starting (or restarting): retry for a
