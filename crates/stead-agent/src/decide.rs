@@ -25,6 +25,10 @@ pub struct Observed {
     pub version: u32,
     pub phase: Phase,
     pub started_at: Millis,
+    /// `DBOS__VMID` it runs under.
+    pub executor_id: String,
+    /// Its app's health timeout, overriding the policy's.
+    pub unhealthy_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +85,14 @@ impl Default for Policy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Start one new instance of `app` at `version`.
-    Start { app: String, version: u32 },
+    /// Start one new instance, under `executor_id` when it is to take over
+    /// a dead instance's identity (and with it, its workflows), else under
+    /// its own id.
+    Start {
+        app: String,
+        version: u32,
+        executor_id: Option<String>,
+    },
     /// Stop the instance gracefully (no new traffic, SIGTERM, grace, SIGKILL).
     Stop { id: String, reason: StopReason },
     /// Drop an exited instance from the table (its exit has been handled).
@@ -191,7 +202,10 @@ pub fn decide(
                 Some(StopReason::StartTimeout)
             }
             Phase::Unhealthy { since }
-                if now - since >= policy.unhealthy_timeout.as_millis() as i64 =>
+                if now - since
+                    >= o.unhealthy_timeout
+                        .unwrap_or(policy.unhealthy_timeout)
+                        .as_millis() as i64 =>
             {
                 Some(StopReason::Hung)
             }
@@ -219,7 +233,8 @@ pub fn decide(
     }
 
     // Counts per intended (app, version).
-    for ((app, version), count) in &want {
+    for a in &intended.apps {
+        let (app, version, count) = (&a.app.as_str(), &a.version, &a.count);
         let mut live: Vec<&Observed> = observed
             .iter()
             .filter(|o| o.app == *app && o.version == *version && o.phase.is_live())
@@ -228,14 +243,22 @@ pub fn decide(
         let n = live.len() as u32;
         if n < *count {
             if history.next_start_allowed(app, *version, now, policy) <= now {
+                // Dead executors to take over, unless a live instance already
+                // runs under that identity.
+                let mut reuse = a.reuse_executor_ids.iter().filter(|e| {
+                    !observed
+                        .iter()
+                        .any(|o| o.phase.is_live() && &o.executor_id == *e)
+                });
                 for _ in n..*count {
                     actions.push(Action::Start {
                         app: app.to_string(),
                         version: *version,
+                        executor_id: reuse.next().cloned(),
                     });
                 }
             }
-        } else if n > *count {
+        } else if n > *count && !a.draining {
             // Stop the ones that are least useful: not yet ready first, then
             // the newest (the oldest have warm caches and connections).
             live.sort_by_key(|o| {
@@ -276,8 +299,15 @@ mod tests {
                         health: None,
                         memory_mb: 64,
                         grace_s: 1,
+                        language: None,
+                        health_timeout_s: 30,
+                        admin_port: None,
                     },
                     env: Default::default(),
+                    expose: Vec::new(),
+                    draining: false,
+                    recover_via_admin: Vec::new(),
+                    reuse_executor_ids: Vec::new(),
                 })
                 .collect(),
         }
@@ -290,6 +320,8 @@ mod tests {
             version,
             phase,
             started_at,
+            executor_id: id.into(),
+            unhealthy_timeout: None,
         }
     }
 
@@ -314,11 +346,13 @@ mod tests {
             vec![
                 Action::Start {
                     app: "web".into(),
-                    version: 1
+                    version: 1,
+                    executor_id: None
                 },
                 Action::Start {
                     app: "web".into(),
-                    version: 1
+                    version: 1,
+                    executor_id: None
                 }
             ]
         );
@@ -408,7 +442,8 @@ mod tests {
             a,
             vec![Action::Start {
                 app: "web".into(),
-                version: 2
+                version: 2,
+                executor_id: None
             }]
         );
     }
@@ -498,5 +533,111 @@ mod tests {
             &Policy::default(),
         );
         assert_eq!(starts(&a), 1);
+    }
+}
+
+#[cfg(test)]
+mod dbos_tests {
+    use super::*;
+    use stead_api::{IntendedApp, RunSpec};
+
+    fn app(version: u32, count: u32) -> IntendedApp {
+        IntendedApp {
+            app: "wf".into(),
+            app_id: "1".into(),
+            version,
+            count,
+            artifact_hash: "h".into(),
+            run: RunSpec {
+                start: "x".into(),
+                port: None,
+                health: None,
+                memory_mb: 64,
+                grace_s: 1,
+                language: None,
+                health_timeout_s: 5,
+                admin_port: None,
+            },
+            env: Default::default(),
+            expose: Vec::new(),
+            draining: false,
+            recover_via_admin: Vec::new(),
+            reuse_executor_ids: Vec::new(),
+        }
+    }
+
+    fn obs(id: &str, version: u32, phase: Phase, executor: &str) -> Observed {
+        Observed {
+            id: id.into(),
+            app: "wf".into(),
+            version,
+            phase,
+            started_at: 0,
+            executor_id: executor.into(),
+            unhealthy_timeout: Some(Duration::from_secs(5)),
+        }
+    }
+
+    #[test]
+    fn replacement_takes_over_the_dead_executor_id() {
+        let mut a = app(1, 2);
+        a.reuse_executor_ids = vec!["dead-1".into(), "live-1".into()];
+        let observed = vec![obs("x", 1, Phase::Ready, "live-1")];
+        let want = IntendedHostState { apps: vec![a] };
+        let actions = decide(
+            &observed,
+            &want,
+            &ExitHistory::default(),
+            0,
+            &Policy::default(),
+        );
+        assert_eq!(
+            actions,
+            vec![Action::Start {
+                app: "wf".into(),
+                version: 1,
+                executor_id: Some("dead-1".into())
+            }]
+        );
+    }
+
+    #[test]
+    fn draining_versions_keep_their_instances() {
+        let mut old = app(1, 1);
+        old.draining = true;
+        let observed = vec![
+            obs("a", 1, Phase::Ready, "a"),
+            obs("b", 1, Phase::Ready, "b"),
+            obs("c", 2, Phase::Ready, "c"),
+        ];
+        let want = IntendedHostState {
+            apps: vec![old, app(2, 1)],
+        };
+        let actions = decide(
+            &observed,
+            &want,
+            &ExitHistory::default(),
+            0,
+            &Policy::default(),
+        );
+        assert!(actions.is_empty(), "{actions:?}");
+    }
+
+    #[test]
+    fn per_app_health_timeout_applies() {
+        let observed = vec![obs("a", 1, Phase::Unhealthy { since: 0 }, "a")];
+        let want = IntendedHostState {
+            apps: vec![app(1, 1)],
+        };
+        let p = Policy::default();
+        assert!(decide(&observed, &want, &ExitHistory::default(), 4_000, &p).is_empty());
+        let actions = decide(&observed, &want, &ExitHistory::default(), 5_000, &p);
+        assert!(
+            actions.contains(&Action::Stop {
+                id: "a".into(),
+                reason: StopReason::Hung
+            }),
+            "{actions:?}"
+        );
     }
 }

@@ -10,6 +10,10 @@ use utoipa::ToSchema;
 
 use crate::names::validate_app_name;
 
+mod scaling;
+pub use scaling::{fmt_ms, parse_duration_ms, parse_size, ScalingConfig};
+use scaling::{DurationValue, SizeValue};
+
 pub const STEAD_TOML: &str = "stead.toml";
 pub const DBOS_CONFIG: &str = "dbos-config.yaml";
 
@@ -43,9 +47,43 @@ pub struct AppConfig {
     pub memory_mb: u64,
     pub migrate: Vec<String>,
     pub grace_s: u32,
-    /// `python`, `node`, ... when the config says (dbos-config.yaml).
+    /// `python`, `node`, ... when the config says (dbos-config.yaml, or
+    /// `[build] language` in stead.toml): selects the language's build
+    /// conventions (a virtualenv with requirements.txt, npm ci).
     pub language: Option<String>,
+    /// Seconds an instance may fail its health check before it is
+    /// considered hung and replaced.
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout_s: u32,
+    /// How the workflows of a dead instance are recovered: `auto`, `admin`
+    /// (the DBOS admin endpoint), `database` (re-enqueue in the system
+    /// database), `executor-id` (start the replacement with the dead
+    /// instance's executor id) or `none`.
+    #[serde(default = "default_recovery")]
+    pub recovery: String,
+    /// Port of the DBOS admin server inside the instance, when it runs one.
+    #[serde(default = "default_admin_port")]
+    pub admin_port: u16,
+    /// Autoscaling targets and per-app traffic limits (`[scale]`,
+    /// `[run] max_body`); defaults for configs stored before they existed.
+    #[serde(default)]
+    pub scaling: ScalingConfig,
 }
+
+fn default_health_timeout() -> u32 {
+    DEFAULT_HEALTH_TIMEOUT_S
+}
+fn default_recovery() -> String {
+    "auto".into()
+}
+fn default_admin_port() -> u16 {
+    3001
+}
+
+/// Default seconds of failed health checks before an instance is replaced.
+pub const DEFAULT_HEALTH_TIMEOUT_S: u32 = 30;
+/// Recovery modes accepted in `[dbos] recovery`.
+pub const RECOVERY_MODES: &[&str] = &["auto", "admin", "database", "executor-id", "none"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +98,8 @@ struct SteadToml {
     resources: ResourcesSection,
     #[serde(default)]
     database: DatabaseSection,
+    #[serde(default)]
+    dbos: DbosSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +107,14 @@ struct SteadToml {
 struct BuildSection {
     #[serde(default)]
     commands: Vec<String>,
+    language: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DbosSection {
+    recovery: Option<String>,
+    admin_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +125,10 @@ struct RunSection {
     health: Option<String>,
     /// Seconds between SIGTERM and SIGKILL.
     grace: Option<u32>,
+    /// Seconds of failed health checks before the instance is replaced.
+    health_timeout: Option<u32>,
+    /// Largest request body the router lets through (bytes, or "10MB").
+    max_body: Option<SizeValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +138,47 @@ struct ScaleSection {
     min: u32,
     #[serde(default = "four")]
     max: u32,
+    target_concurrency: Option<u32>,
+    /// Percent of one core per instance.
+    target_cpu: Option<u32>,
+    idle_timeout: Option<DurationValue>,
+    stable_window: Option<DurationValue>,
+    panic_window: Option<DurationValue>,
+    scale_down_delay: Option<DurationValue>,
+    max_concurrency: Option<u32>,
+}
+
+impl ScaleSection {
+    /// The scaling settings these keys (and `[run] max_body`) give, with
+    /// defaults for the ones not written.
+    fn scaling(&self, max_body: Option<&SizeValue>) -> Result<ScalingConfig, String> {
+        let d = ScalingConfig::default();
+        let ms = |v: &Option<DurationValue>, key: &str, default: u64| match v {
+            Some(v) => v.millis(key),
+            None => Ok(default),
+        };
+        Ok(ScalingConfig {
+            target_concurrency: self.target_concurrency.unwrap_or(d.target_concurrency),
+            target_cpu_percent: self.target_cpu.unwrap_or(d.target_cpu_percent),
+            idle_timeout_ms: ms(&self.idle_timeout, "scale.idle_timeout", d.idle_timeout_ms)?,
+            stable_window_ms: ms(
+                &self.stable_window,
+                "scale.stable_window",
+                d.stable_window_ms,
+            )?,
+            panic_window_ms: ms(&self.panic_window, "scale.panic_window", d.panic_window_ms)?,
+            scale_down_delay_ms: ms(
+                &self.scale_down_delay,
+                "scale.scale_down_delay",
+                d.scale_down_delay_ms,
+            )?,
+            max_concurrency: self.max_concurrency.unwrap_or(0),
+            max_body_bytes: match max_body {
+                Some(v) => v.bytes("run.max_body")?,
+                None => 0,
+            },
+        })
+    }
 }
 
 fn one() -> u32 {
@@ -97,7 +190,17 @@ fn four() -> u32 {
 
 impl Default for ScaleSection {
     fn default() -> Self {
-        Self { min: 1, max: 4 }
+        Self {
+            min: 1,
+            max: 4,
+            target_concurrency: None,
+            target_cpu: None,
+            idle_timeout: None,
+            stable_window: None,
+            panic_window: None,
+            scale_down_delay: None,
+            max_concurrency: None,
+        }
     }
 }
 
@@ -172,7 +275,17 @@ impl AppConfig {
             memory_mb: raw.resources.memory_mb.unwrap_or(DEFAULT_MEMORY_MB),
             migrate: raw.database.migrate,
             grace_s: raw.run.grace.unwrap_or(DEFAULT_GRACE_S),
-            language: None,
+            language: raw.build.language.map(|l| l.to_ascii_lowercase()),
+            health_timeout_s: raw.run.health_timeout.unwrap_or(DEFAULT_HEALTH_TIMEOUT_S),
+            recovery: raw.dbos.recovery.unwrap_or_else(default_recovery),
+            admin_port: raw.dbos.admin_port.unwrap_or(3001),
+            scaling: raw
+                .scale
+                .scaling(raw.run.max_body.as_ref())
+                .map_err(|message| ConfigError::Invalid {
+                    file: STEAD_TOML,
+                    message,
+                })?,
         };
         cfg.validate(STEAD_TOML)?;
         Ok(cfg)
@@ -219,6 +332,10 @@ impl AppConfig {
             migrate: raw.database.map(|d| d.migrate).unwrap_or_default(),
             grace_s: DEFAULT_GRACE_S,
             language,
+            health_timeout_s: DEFAULT_HEALTH_TIMEOUT_S,
+            recovery: default_recovery(),
+            admin_port: 3001,
+            scaling: ScalingConfig::default(),
         };
         cfg.validate(DBOS_CONFIG)?;
         Ok(cfg)
@@ -251,6 +368,7 @@ impl AppConfig {
                 self.min, self.max
             )));
         }
+        self.scaling.validate().map_err(invalid)?;
         if self.max > 1000 {
             return Err(invalid(format!(
                 "`scale.max` ({}) is above the limit of 1000",
@@ -261,6 +379,19 @@ impl AppConfig {
             return Err(invalid(format!(
                 "`resources.memory_mb` ({}) must be between 16 and 65536",
                 self.memory_mb
+            )));
+        }
+        if !RECOVERY_MODES.contains(&self.recovery.as_str()) {
+            return Err(invalid(format!(
+                "`dbos.recovery` is {:?}; use one of {}",
+                self.recovery,
+                RECOVERY_MODES.join(", ")
+            )));
+        }
+        if self.health_timeout_s == 0 || self.health_timeout_s > 3600 {
+            return Err(invalid(format!(
+                "`run.health_timeout` ({} s) must be between 1 and 3600",
+                self.health_timeout_s
             )));
         }
         if self.grace_s > 3600 {
@@ -332,6 +463,45 @@ migrate = ["python3 migrate.py"]
     }
 
     #[test]
+    fn scale_targets_and_limits_are_read() {
+        let c = AppConfig::from_stead_toml(
+            "name = \"abc\"\n[run]\nstart = \"x\"\nmax_body = \"1MB\"\n[scale]\nmin = 0\nmax = 8\n\
+             target_concurrency = 10\ntarget_cpu = 50\nidle_timeout = \"2m\"\nstable_window = 20\n\
+             panic_window = \"500ms\"\nscale_down_delay = \"5s\"\nmax_concurrency = 300\n",
+        )
+        .unwrap();
+        let s = &c.scaling;
+        assert_eq!((c.min, c.max), (0, 8));
+        assert_eq!((s.target_concurrency, s.target_cpu_percent), (10, 50));
+        assert_eq!((s.idle_timeout_ms, s.stable_window_ms), (120_000, 20_000));
+        assert_eq!((s.panic_window_ms, s.scale_down_delay_ms), (500, 5_000));
+        assert_eq!((s.max_concurrency, s.max_body_bytes), (300, 1024 * 1024));
+        // Defaults, also for configs stored before these keys existed.
+        let d = AppConfig::from_stead_toml("name = \"abc\"\n[run]\nstart = \"x\"\n").unwrap();
+        assert_eq!(d.scaling, ScalingConfig::default());
+        let mut old = serde_json::to_value(&d).unwrap();
+        old.as_object_mut().unwrap().remove("scaling");
+        let old: AppConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(old.scaling.target_concurrency, 100);
+        // Bad values name their key.
+        for (text, needle) in [
+            ("[scale]\nidle_timeout = \"soon\"\n", "scale.idle_timeout"),
+            (
+                "[scale]\ntarget_concurrency = 0\n",
+                "scale.target_concurrency",
+            ),
+            ("[scale]\npanic_window = \"2m\"\n", "scale.panic_window"),
+        ] {
+            let err = AppConfig::from_stead_toml(&format!(
+                "name = \"abc\"\n[run]\nstart = \"x\"\n{text}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = AppConfig::from_stead_toml("name = \"abc\"\n[run]\nstart = \"x\"\nstrat = 1\n")
             .unwrap_err();
@@ -374,6 +544,24 @@ migrate = ["python3 migrate.py"]
             let msg = AppConfig::from_stead_toml(text).unwrap_err().to_string();
             assert!(msg.contains(needle), "{needle}: {msg}");
         }
+    }
+
+    #[test]
+    fn dbos_section_and_language() {
+        let c = AppConfig::from_stead_toml(
+            "name = \"abc\"\n[build]\nlanguage = \"Python\"\n[run]\nstart = \"x\"\nhealth_timeout = 5\n[dbos]\nrecovery = \"admin\"\nadmin_port = 3002\n",
+        )
+        .unwrap();
+        assert_eq!(c.language.as_deref(), Some("python"));
+        assert_eq!(
+            (c.recovery.as_str(), c.admin_port, c.health_timeout_s),
+            ("admin", 3002, 5)
+        );
+        let err = AppConfig::from_stead_toml(
+            "name = \"abc\"\n[run]\nstart = \"x\"\n[dbos]\nrecovery = \"magic\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("dbos.recovery"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{agent, api};
+use crate::{agent, api, workflows};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,9 @@ use crate::{agent, api};
         api::unset_env, api::logs, api::events, api::list_hosts,
         agent::register, agent::heartbeat, agent::claim, agent::renew, agent::append_log, agent::complete,
         agent::get_blob, agent::put_blob, agent::instance_logs, agent::routes,
+        workflows::database, workflows::list, workflows::get, workflows::steps, workflows::cancel,
+        workflows::resume, workflows::fork, workflows::start_rollout, workflows::get_rollout,
+        workflows::recovered,
     ),
     modifiers(&BearerAuth),
 )]

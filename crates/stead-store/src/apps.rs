@@ -42,6 +42,8 @@ pub struct NewVersion {
     pub bundle_size: u64,
     pub config: AppConfig,
     pub idempotency_key: Option<String>,
+    /// Build it but do not promote it when ready: a rollout promotes it.
+    pub hold: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -177,6 +179,28 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(app_from_row).transpose()
+    }
+
+    /// An app by id.
+    pub async fn app_by_id(&self, id: i64) -> Result<Option<AppRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {APP_COLUMNS} FROM apps a JOIN orgs o ON o.id = a.org_id WHERE a.id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(app_from_row).transpose()
+    }
+
+    /// Every app (of every organisation) whose databases are provisioned.
+    pub async fn apps_with_databases(&self) -> Result<Vec<AppRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {APP_COLUMNS} FROM apps a JOIN orgs o ON o.id = a.org_id \
+             WHERE EXISTS (SELECT 1 FROM app_databases d WHERE d.app_id = a.id) ORDER BY a.id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(app_from_row).collect()
     }
 
     /// Deletes an app with its versions, env, tasks, logs and events; true
@@ -349,8 +373,8 @@ impl Store {
         let config =
             serde_json::to_string(&new.config).map_err(|e| StoreError::Invalid(e.to_string()))?;
         sqlx::query(
-            "INSERT INTO versions (app_id, number, state, bundle_hash, bundle_size, config, created_at) \
-             VALUES ($1, $2, 'building', $3, $4, $5, $6)",
+            "INSERT INTO versions (app_id, number, state, bundle_hash, bundle_size, config, created_at, hold) \
+             VALUES ($1, $2, 'building', $3, $4, $5, $6, $7)",
         )
         .bind(app_id)
         .bind(number)
@@ -358,6 +382,7 @@ impl Store {
         .bind(i64::try_from(new.bundle_size).unwrap_or(i64::MAX))
         .bind(&config)
         .bind(now)
+        .bind(i64::from(new.hold))
         .execute(&mut *tx)
         .await?;
         let build_id = get_i64(

@@ -324,7 +324,8 @@ impl Store {
                 let activated = sqlx::query(
                     "UPDATE apps SET target_version = $1 WHERE id = $2 \
                      AND (active_version IS NULL OR active_version < $1) \
-                     AND (target_version IS NULL OR target_version < $1)",
+                     AND (target_version IS NULL OR target_version < $1) \
+                     AND NOT EXISTS (SELECT 1 FROM versions h WHERE h.app_id = $2 AND h.number = $1 AND h.hold = 1)",
                 )
                 .bind(version)
                 .bind(app_id)

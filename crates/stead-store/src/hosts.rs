@@ -142,13 +142,16 @@ impl Store {
                 "session {session} of host {name} was replaced by a newer registration; register again"
             )));
         }
-        let prev_rows = sqlx::query("SELECT id, state FROM instances WHERE host_id = $1")
-            .bind(host_id)
-            .fetch_all(&mut *tx)
-            .await?;
+        let prev_rows =
+            sqlx::query("SELECT id, state, executor_id FROM instances WHERE host_id = $1")
+                .bind(host_id)
+                .fetch_all(&mut *tx)
+                .await?;
         let mut previous: HashMap<String, String> = HashMap::new();
+        let mut previous_executor: HashMap<String, String> = HashMap::new();
         for r in &prev_rows {
             previous.insert(get_str(r, "id")?, get_str(r, "state")?);
+            previous_executor.insert(get_str(r, "id")?, get_str(r, "executor_id")?);
         }
         let mut app_ids: HashMap<&str, Option<i64>> = HashMap::new();
         for inst in instances {
@@ -164,11 +167,12 @@ impl Store {
             let app_id = app_ids.get(inst.app.as_str()).copied().flatten();
             sqlx::query(
                 "INSERT INTO instances (id, app_id, app_name, version, host_id, state, executor_id, endpoint, pid, \
-                 started_at, exit, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                 started_at, exit, updated_at, dbos_admin) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
                  ON CONFLICT (id) DO UPDATE SET app_id = excluded.app_id, app_name = excluded.app_name, \
                  version = excluded.version, host_id = excluded.host_id, state = excluded.state, \
                  executor_id = excluded.executor_id, endpoint = excluded.endpoint, pid = excluded.pid, \
-                 started_at = excluded.started_at, exit = excluded.exit, updated_at = excluded.updated_at",
+                 started_at = excluded.started_at, exit = excluded.exit, updated_at = excluded.updated_at, \
+                 dbos_admin = excluded.dbos_admin",
             )
             .bind(&inst.id)
             .bind(app_id)
@@ -182,6 +186,7 @@ impl Store {
             .bind(inst.started_at_ms)
             .bind(inst.exit.clone())
             .bind(now)
+            .bind(i64::from(inst.dbos_admin))
             .execute(&mut *tx)
             .await?;
             let Some(app_id) = app_id else { continue };
@@ -200,6 +205,17 @@ impl Store {
                 )
                 .await?;
             }
+            if before.is_none() && inst.state != InstanceState::Exited {
+                crate::dbos::executor_seen(
+                    &mut tx,
+                    app_id,
+                    &inst.executor_id,
+                    inst.version,
+                    &inst.id,
+                    host_id,
+                )
+                .await?;
+            }
             // On every ready report, not only the first: a target whose
             // instance was already ready (e.g. a rollback to a version still
             // running) must be promoted too. Both statements are
@@ -209,6 +225,7 @@ impl Store {
             }
             if inst.state == InstanceState::Exited && before != Some("exited") {
                 let why = inst.exit.clone().unwrap_or_else(|| "unknown reason".into());
+                crate::dbos::executor_ended(&mut tx, &inst.executor_id, &inst.id, &why).await?;
                 insert_event(
                     &mut tx,
                     app_id,
@@ -224,6 +241,15 @@ impl Store {
         }
         for id in previous.keys() {
             if !instances.iter().any(|i| &i.id == id) {
+                if let Some(executor) = previous_executor.get(id) {
+                    crate::dbos::executor_ended(
+                        &mut tx,
+                        executor,
+                        id,
+                        "vanished from its host's report",
+                    )
+                    .await?;
+                }
                 sqlx::query("DELETE FROM instances WHERE id = $1 AND host_id = $2")
                     .bind(id)
                     .bind(host_id)
@@ -316,7 +342,8 @@ impl Store {
     pub async fn app_instances(&self, app_id: i64) -> Result<Vec<InstanceInfo>> {
         let rows = sqlx::query(
             "SELECT i.id AS id, i.app_name AS app, i.version AS version, h.name AS host, i.state AS state, \
-             i.executor_id AS executor_id, i.endpoint AS endpoint, i.started_at AS started_at, i.exit AS exit \
+             i.executor_id AS executor_id, i.endpoint AS endpoint, i.started_at AS started_at, i.exit AS exit, \
+             i.pid AS pid, i.dbos_admin AS dbos_admin, h.last_heartbeat AS last_heartbeat, h.id AS host_id \
              FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.app_id = $1 ORDER BY i.started_at, i.id",
         )
         .bind(app_id)
@@ -334,6 +361,10 @@ impl Store {
                     endpoint: get_opt_str(r, "endpoint")?,
                     started_at_ms: get_i64(r, "started_at")?,
                     exit: get_opt_str(r, "exit")?,
+                    pid: get_opt_i64(r, "pid")?.and_then(|p| u32::try_from(p).ok()),
+                    dbos_admin: get_i64(r, "dbos_admin")? != 0,
+                    host_id: get_str(r, "host_id")?,
+                    host_heartbeat_ms: get_i64(r, "last_heartbeat")?,
                 })
             })
             .collect()

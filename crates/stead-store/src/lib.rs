@@ -10,6 +10,7 @@
 mod apps;
 mod builds;
 mod crypto;
+mod dbos;
 mod hosts;
 mod migrate;
 mod tokens;
@@ -24,6 +25,7 @@ use sqlx::{AnyPool, Row};
 
 pub use apps::{AppRecord, DeployOutcome, NewVersion};
 pub use builds::{ClaimedTask, CompleteOutcome};
+pub use dbos::{AppDatabase, DeadExecutor, Rollout, RolloutStep, VersionWork};
 pub use hosts::{ActiveApp, HostRecord};
 pub use tokens::{hash_token, looks_like_token, Principal};
 

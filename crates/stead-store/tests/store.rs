@@ -68,6 +68,7 @@ async fn deploy(
             bundle_size: 6,
             config: config(name),
             idempotency_key: key.map(String::from),
+            hold: false,
         })
         .await
         .unwrap()
@@ -131,6 +132,7 @@ async fn tokens_are_hashed_and_scoped(store: Store) {
             bundle_size: 6,
             config: config("shop"),
             idempotency_key: None,
+            hold: false,
         })
         .await
         .unwrap_err();
@@ -153,6 +155,7 @@ async fn concurrent_deploys_get_distinct_numbers(store: Store) {
                 bundle_size: 6,
                 config: config("race"),
                 idempotency_key: None,
+                hold: false,
             })
             .await
             .map(|o| o.response.version)

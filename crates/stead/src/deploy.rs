@@ -55,6 +55,59 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let quiet = args.json;
 
     // 1. Pack.
+    let (tmp, stats) = pack(&dir, quiet).await?;
+
+    // 2. Upload, retried with the same idempotency key.
+    let key = format!(
+        "deploy-{}-{:016x}",
+        stats.sha256.get(..16).unwrap_or(""),
+        rand_u64()
+    );
+    let deployed = upload(
+        &api,
+        &app,
+        tmp.path(),
+        stats.compressed_bytes,
+        &key,
+        deadline,
+        quiet,
+    )
+    .await?;
+    if !quiet {
+        eprintln!(
+            "Uploaded {app} as version v{} (bundle {})",
+            deployed.version,
+            &deployed.bundle_hash[..12.min(deployed.bundle_hash.len())]
+        );
+    }
+
+    // 3. Follow the build.
+    follow_build(&api, &app, deployed.version, deadline, quiet).await?;
+
+    // 4. Wait until it serves.
+    let url = wait_serving(&api, &app, deployed.version, deadline, quiet).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"app": app, "version": deployed.version, "bundle_hash": deployed.bundle_hash, "url": url})
+        );
+    } else {
+        println!(
+            "{app} v{} is live{}",
+            deployed.version,
+            url.map(|u| format!(" at {u}")).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// Packs the app folder into a temporary bundle (checked as the server
+/// will check it), with a spinner.
+async fn pack(
+    dir: &Path,
+    quiet: bool,
+) -> anyhow::Result<(tempfile::NamedTempFile, stead_bundle::PackStats)> {
+    let dir = dir.to_path_buf();
     let tmp = tempfile::Builder::new()
         .prefix("stead-bundle-")
         .suffix(".tar.zst")
@@ -103,48 +156,41 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         );
     }
 
-    // 2. Upload, retried with the same idempotency key.
+    Ok((tmp, stats))
+}
+
+/// Packs, uploads and builds `dir` as a new version of `app` that is not
+/// promoted (a rollout promotes it); returns its number once it is built.
+pub async fn build_only(
+    api: &Api,
+    dir: &Path,
+    app: &str,
+    deadline: Instant,
+) -> anyhow::Result<u32> {
+    read_config(dir)?;
+    let (tmp, stats) = pack(dir, false).await?;
     let key = format!(
-        "deploy-{}-{:016x}",
+        "hold-{}-{:016x}",
         stats.sha256.get(..16).unwrap_or(""),
         rand_u64()
     );
     let deployed = upload(
-        &api,
-        &app,
+        api,
+        app,
         tmp.path(),
         stats.compressed_bytes,
         &key,
         deadline,
-        quiet,
+        false,
+        true,
     )
     .await?;
-    if !quiet {
-        eprintln!(
-            "Uploaded {app} as version v{} (bundle {})",
-            deployed.version,
-            &deployed.bundle_hash[..12.min(deployed.bundle_hash.len())]
-        );
-    }
-
-    // 3. Follow the build.
-    follow_build(&api, &app, deployed.version, deadline, quiet).await?;
-
-    // 4. Wait until it serves.
-    let url = wait_serving(&api, &app, deployed.version, deadline, quiet).await?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"app": app, "version": deployed.version, "bundle_hash": deployed.bundle_hash, "url": url})
-        );
-    } else {
-        println!(
-            "{app} v{} is live{}",
-            deployed.version,
-            url.map(|u| format!(" at {u}")).unwrap_or_default()
-        );
-    }
-    Ok(())
+    eprintln!(
+        "Uploaded {app} as version v{} (held for the rollout)",
+        deployed.version
+    );
+    follow_build(api, app, deployed.version, deadline, false).await?;
+    Ok(deployed.version)
 }
 
 fn read_config(dir: &Path) -> anyhow::Result<AppConfig> {
@@ -255,7 +301,13 @@ async fn upload(
                 chunk
             });
             let req = api
-                .request(reqwest::Method::POST, &format!("/v1/apps/{app}/deploy"))
+                .request(
+                    reqwest::Method::POST,
+                    &format!(
+                        "/v1/apps/{app}/deploy{}",
+                        if hold { "?hold=true" } else { "" }
+                    ),
+                )
                 .header("content-type", "application/zstd")
                 .header("content-length", size)
                 .header(stead_api::IDEMPOTENCY_HEADER, key)

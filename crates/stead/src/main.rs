@@ -6,6 +6,7 @@ mod commands;
 mod credentials;
 mod deploy;
 mod dev;
+mod durable;
 mod services;
 
 use std::path::PathBuf;
@@ -65,6 +66,19 @@ enum Command {
     },
     /// Show an app's logs.
     Logs(commands::LogsArgs),
+    /// An app's databases.
+    Db {
+        #[command(subcommand)]
+        command: durable::DbCommand,
+    },
+    /// List and manage an app's durable workflows.
+    Workflows {
+        #[command(subcommand)]
+        command: durable::WorkflowsCommand,
+    },
+    /// Promote several versions one after the other, each once the previous
+    /// one is live and every older instance has drained.
+    Rollout(durable::RolloutArgs),
     /// Inspect data-plane hosts.
     Hosts {
         #[command(subcommand)]
@@ -130,6 +144,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Env { command } => commands::env(command).await,
         Command::Logs(args) => commands::logs(args).await,
         Command::Hosts { command } => commands::hosts(command).await,
+        Command::Db { command } => durable::db(command).await,
+        Command::Workflows { command } => durable::workflows(command).await,
+        Command::Rollout(args) => durable::rollout(args).await,
         Command::SandboxInit => stead_sandbox::init_main(),
     }
 }
