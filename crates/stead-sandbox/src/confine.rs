@@ -81,8 +81,17 @@ pub struct Confinement {
     pub path_prefix: Vec<PathBuf>,
     /// Size of the private `/tmp` (tmpfs), MiB.
     pub tmp_mb: u64,
-    /// Size of the writable data directory at [`DATA_DIR`] (tmpfs), MiB:
-    /// its disk quota. Its pages are also charged to the memory limit.
+    /// The app's data directory on the host, bound read-write at the same
+    /// path (so paths to it, like a SQLite URL, mean the same inside) and
+    /// made `HOME`. It outlives instances: a loop-mounted ext4 image of
+    /// `data_mb` beside it (`<dir>.img`) is its disk quota, and the
+    /// sandbox's host id is derived from its path, so every instance of the
+    /// app owns it and no other app does. `None`: a tmpfs at [`DATA_DIR`]
+    /// that lives as long as the instance.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// Size of the data directory, MiB: its disk quota (a tmpfs's pages
+    /// are also charged to the memory limit).
     pub data_mb: u64,
     /// Size of `/dev/shm`, MiB.
     pub shm_mb: u64,
@@ -132,6 +141,7 @@ impl Default for Confinement {
             ro_paths: DEFAULT_RO_PATHS.iter().map(PathBuf::from).collect(),
             path_prefix: Vec::new(),
             tmp_mb: 64,
+            data_dir: None,
             data_mb: 256,
             shm_mb: 16,
             seccomp: SeccompMode::Errno,
@@ -179,10 +189,14 @@ impl Confinement {
     /// between ids (up to hash collisions in a range of 16 million), and far
     /// above any id a distribution hands out.
     pub fn host_id(&self, id: &str) -> u32 {
+        let key = match &self.data_dir {
+            Some(d) => d.as_os_str().as_bytes(),
+            None => id.as_bytes(),
+        };
         // FNV-1a: stable across Rust versions, unlike DefaultHasher.
         let mut h: u32 = 0x811c_9dc5;
-        for b in id.bytes() {
-            h ^= u32::from(b);
+        for b in key {
+            h ^= u32::from(*b);
             h = h.wrapping_mul(0x0100_0193);
         }
         self.host_id_base + h % self.host_id_range.max(1)
@@ -296,6 +310,7 @@ pub fn plan_root(
         options: "size=1m,mode=0755".into(),
         noexec: false,
     }];
+    let data_dir = conf.data_dir.as_ref().filter(|d| d.is_absolute());
     let bound: Vec<PathBuf> = conf
         .ro_paths
         .iter()
@@ -308,14 +323,27 @@ pub fn plan_root(
         options: format!("size={}m,mode=1777", conf.tmp_mb.max(1)),
         noexec: false,
     });
-    ops.push(MountOp::Tmpfs {
-        target: under(staging, Path::new(DATA_DIR)),
-        options: format!(
-            "size={}m,mode=0700,uid={host_id},gid={host_id}",
-            conf.data_mb.max(1)
-        ),
-        noexec: false,
-    });
+    let data_op = match data_dir {
+        // After the other binds: it may lie below one of them... but it is
+        // never read-only, so it gets its own mount point in the tmpfs.
+        Some(d) => MountOp::Bind {
+            source: d.clone(),
+            target: under(staging, d),
+            readonly: false,
+            device: false,
+        },
+        None => MountOp::Tmpfs {
+            target: under(staging, Path::new(DATA_DIR)),
+            options: format!(
+                "size={}m,mode=0700,uid={host_id},gid={host_id}",
+                conf.data_mb.max(1)
+            ),
+            noexec: false,
+        },
+    };
+    if let MountOp::Tmpfs { .. } = data_op {
+        ops.push(data_op.clone());
+    }
     let dev = under(staging, Path::new("/dev"));
     ops.push(MountOp::Tmpfs {
         target: dev.clone(),
@@ -381,6 +409,13 @@ pub fn plan_root(
         }
     }
     ops.extend(binds);
+    if let MountOp::Bind { target, .. } = &data_op {
+        ops.push(MountOp::MkMountpoint {
+            target: target.clone(),
+            file: false,
+        });
+        ops.push(data_op.clone());
+    }
     ops.push(MountOp::MkMountpoint {
         target: under(staging, Path::new("/proc")),
         file: false,
@@ -399,6 +434,13 @@ fn bind_ro(ops: &mut Vec<MountOp>, source: PathBuf, target: PathBuf, file: bool)
         readonly: true,
         device: false,
     });
+}
+
+/// `HOME` of a confined app: its data directory.
+pub fn home(conf: &Confinement) -> PathBuf {
+    conf.data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DATA_DIR))
 }
 
 /// PATH inside a confined sandbox: the runtimes' `bin` directories, then
@@ -525,7 +567,10 @@ impl MountSys for LinuxMounts {
         use nix::mount::{mount, MsFlags};
         let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID;
         if readonly {
-            flags |= MsFlags::MS_RDONLY | MsFlags::MS_NODEV;
+            flags |= MsFlags::MS_RDONLY;
+        }
+        if !device {
+            flags |= MsFlags::MS_NODEV;
         }
         if device {
             flags |= MsFlags::MS_NOEXEC;

@@ -27,8 +27,6 @@ use crate::spec::{Backend, NetworkMode, SandboxSpec};
 
 /// Where bundles and runsc's state live.
 pub const GVISOR_DIR: &str = "/run/stead-sandbox/gvisor";
-/// The uid/gid the app runs as inside gVisor.
-const APP_ID: u32 = confine::APP_ID_IN_SANDBOX;
 
 /// The gVisor backend (see the module docs).
 #[derive(Debug)]
@@ -106,6 +104,19 @@ impl GvisorSandbox {
             .confine
             .clone()
             .unwrap_or_else(|| self.confinement.clone());
+        if let Some(dir) = conf.data_dir.clone() {
+            let (host_id, mb) = (conf.host_id(&spec.id), conf.data_mb);
+            tokio::task::spawn_blocking(move || crate::datadir::prepare(&dir, mb, host_id))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|r| r)
+                .map_err(|source| SandboxError::Io {
+                    id: spec.id.clone(),
+                    what: "preparing the data directory",
+                    path: conf.data_dir.clone().unwrap_or_default(),
+                    source,
+                })?;
+        }
         let bundle = self.bundle_dir(&spec.id);
         let config = oci_config(&spec, &conf, &RealPaths);
         let io_err = |what: &'static str, path: &Path| {
@@ -228,15 +239,22 @@ pub(crate) fn oci_config(spec: &SandboxSpec, conf: &Confinement, paths: &dyn Pat
     let mut env = spec.full_env();
     let path = env.get("PATH").cloned().unwrap_or_default();
     env.insert("PATH".into(), confine::sandbox_path(conf, &spec.cwd, &path));
-    env.insert("HOME".into(), DATA_DIR.into());
+    env.insert("HOME".into(), confine::home(conf).display().to_string());
+    // gVisor checks file ownership itself: the app runs as the owner of
+    // its data directory (the sandbox's host id), a nobody elsewhere.
+    let app_id = conf.host_id(&spec.id);
     let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc"}),
         json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                "options": ["nosuid", "nodev", "mode=1777", format!("size={}m", conf.tmp_mb.max(1))]}),
-        json!({"destination": DATA_DIR, "type": "tmpfs", "source": "tmpfs",
-               "options": ["nosuid", "nodev", "mode=0700", format!("uid={APP_ID}"), format!("gid={APP_ID}"),
+        match &conf.data_dir {
+            Some(d) => json!({"destination": d, "type": "bind", "source": d,
+                              "options": ["rbind", "rw", "nosuid", "nodev"]}),
+            None => json!({"destination": DATA_DIR, "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "nodev", "mode=0700", format!("uid={app_id}"), format!("gid={app_id}"),
                            format!("size={}m", conf.data_mb.max(1))]}),
+        },
         json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
                "options": ["nosuid", "nodev", "noexec", "mode=1777", format!("size={}m", conf.shm_mb.max(1))]}),
     ];
@@ -272,7 +290,7 @@ pub(crate) fn oci_config(spec: &SandboxSpec, conf: &Confinement, paths: &dyn Pat
         "ociVersion": "1.0.0",
         "process": {
             "terminal": false,
-            "user": {"uid": APP_ID, "gid": APP_ID},
+            "user": {"uid": app_id, "gid": app_id},
             "args": ["/bin/sh", "-c", spec.command],
             "env": env,
             "cwd": spec.cwd,
@@ -337,7 +355,7 @@ mod tests {
         let c = oci_config(&spec, &conf, &fake);
         assert_eq!(c["process"]["args"][2], "exec ./server");
         assert_eq!(c["process"]["cwd"], "/app/v1");
-        assert_eq!(c["process"]["user"]["uid"], 1000);
+        assert_eq!(c["process"]["user"]["uid"], conf.host_id("gv-1"));
         assert_eq!(c["process"]["noNewPrivileges"], true);
         assert_eq!(c["linux"]["resources"]["memory"]["limit"], 64u64 << 20);
         assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 50_000);

@@ -54,6 +54,7 @@
 mod backend;
 mod cgroup;
 pub mod confine;
+mod datadir;
 mod error;
 mod exit;
 mod gvisor;
@@ -66,6 +67,7 @@ mod sys;
 pub use backend::{BoxFuture, Sandbox, Sandboxes};
 pub use cgroup::{CgroupPaths, CgroupVersion};
 pub use confine::{Confinement, SeccompMode};
+pub use datadir::release_data_dirs;
 pub use error::SandboxError;
 pub use exit::{signal_name, ExitInfo};
 pub use gvisor::{find_runsc, GvisorSandbox};

@@ -277,13 +277,31 @@ impl ProcessSandbox {
                 id: id.clone(),
                 reason: "memory_mb out of range".into(),
             })?;
+        if let Some(c) = &spec.confine {
+            if let Some(dir) = c.data_dir.clone() {
+                let (host_id, mb) = (c.host_id(&id), c.data_mb);
+                let prepared =
+                    tokio::task::spawn_blocking(move || crate::datadir::prepare(&dir, mb, host_id))
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                        .and_then(|r| r);
+                if let Err(e) = prepared {
+                    return Err(SandboxError::Io {
+                        id: id.clone(),
+                        what: "preparing the data directory",
+                        path: c.data_dir.clone().unwrap_or_default(),
+                        source: e,
+                    });
+                }
+            }
+        }
         let mut env = spec.full_env();
         let confine = spec.confine.as_ref().map(|c| {
             let host_id = c.host_id(&id);
             let path = env.get("PATH").cloned().unwrap_or_default();
             env.insert("PATH".into(), confine::sandbox_path(c, &spec.cwd, &path));
             // The app's folder is read-only: its home is the data dir.
-            env.insert("HOME".into(), confine::DATA_DIR.into());
+            env.insert("HOME".into(), confine::home(c).display().to_string());
             InitConfine {
                 ops: confine::plan_root(c, &spec.cwd, &self.staging, host_id, &RealHostFs),
                 staging: self.staging.clone(),

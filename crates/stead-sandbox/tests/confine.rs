@@ -262,3 +262,44 @@ async fn confined_server_is_reachable_with_connect_and_listen() {
         .unwrap();
     assert!(exit.code.is_some() || exit.signal.is_some(), "{exit:?}");
 }
+
+#[tokio::test]
+async fn data_dir_outlives_instances_with_a_quota() {
+    let dir = app_dir();
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("appdata").join("shop");
+    let spec = |name: &str, cmd: &str| {
+        let mut s = confined(name, dir.path(), cmd);
+        if let Some(c) = s.confine.as_mut() {
+            c.data_dir = Some(data.clone());
+            c.data_mb = 16;
+        }
+        s
+    };
+    let r = run(spec("dd1", "echo kept > $HOME/state; echo $HOME; id -u")).await;
+    assert_eq!(r.exit.code, Some(0), "{}", r.stderr);
+    assert!(
+        r.stdout.starts_with(&format!("{}\n1000\n", data.display())),
+        "{}",
+        r.stdout
+    );
+    // Another instance of the same app sees it.
+    let r = run(spec(
+        "dd2",
+        "cat $HOME/state; dd if=/dev/zero of=$HOME/big bs=1M count=64 2>&1; rm -f $HOME/big",
+    ))
+    .await;
+    assert!(r.stdout.starts_with("kept\n"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("No space left on device"),
+        "quota: {}",
+        r.stdout
+    );
+    // On the host: owned by the app's unprivileged id, mode 0700.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&data).unwrap();
+    assert!(meta.uid() >= 1_000_000, "{}", meta.uid());
+    assert_eq!(meta.mode() & 0o777, 0o700);
+    assert_eq!(stead_sandbox::release_data_dirs(root.path()), 1);
+    assert_eq!(stead_sandbox::release_data_dirs(root.path()), 0);
+}
