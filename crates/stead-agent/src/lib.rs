@@ -211,6 +211,8 @@ pub async fn run(
     }
     if shared.config.stop_instances_on_exit {
         instance::stop_all(&shared).await;
+        // Leave no data-directory mounts behind (their images keep the data).
+        stead_sandbox::release_data_dirs(&shared.config.data_dir);
     }
     // One last shipment so the last lines before exit reach the logs.
     logship::ship_once(&shared).await;
