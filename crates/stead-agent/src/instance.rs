@@ -209,7 +209,10 @@ async fn launch(
         command: spec.run.start.clone(),
         env,
         memory_mb: spec.run.memory_mb,
-        pids_max: PIDS_MAX,
+        // Four processes (or threads) per MiB of memory, 256 to 4096: a
+        // fork bomb hits the pids limit before the memory limit (a small
+        // process costs its cgroup some 100 KiB).
+        pids_max: (spec.run.memory_mb.saturating_mul(4)).clamp(256, PIDS_MAX),
         stdout: Output::File(dir.join("stdout.log")),
         stderr: Output::File(dir.join("stderr.log")),
         network: NetworkMode::Isolated,

@@ -31,6 +31,9 @@ pub struct DevArgs {
     /// Do not write the CLI's credentials file.
     #[arg(long)]
     pub no_login: bool,
+    /// Sandbox backend of instances whose app names none: process or gvisor.
+    #[arg(long, env = "STEAD_SANDBOX", default_value = "process", value_parser = crate::services::parse_backend)]
+    pub sandbox: stead_sandbox::Backend,
 }
 
 /// Reads a token kept in the data dir, or makes a new one with `create`
@@ -125,6 +128,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         init,
     );
     agent_config.stop_instances_on_exit = true;
+    agent_config.sandbox = args.sandbox;
 
     if !args.no_login {
         let path = credentials::save(&Credentials {

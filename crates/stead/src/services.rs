@@ -46,6 +46,16 @@ pub struct AgentArgs {
     /// Do not run build tasks on this host.
     #[arg(long)]
     pub no_builds: bool,
+    /// Sandbox backend of instances whose app names none: process or gvisor
+    /// (gvisor needs `runsc`).
+    #[arg(long, env = "STEAD_SANDBOX", default_value = "process", value_parser = parse_backend)]
+    pub sandbox: stead_sandbox::Backend,
+}
+
+/// `--sandbox process|gvisor`.
+pub fn parse_backend(s: &str) -> Result<stead_sandbox::Backend, String> {
+    stead_sandbox::Backend::parse(s)
+        .ok_or_else(|| format!("unknown sandbox backend {s:?}: use process or gvisor"))
 }
 
 #[derive(Args)]
@@ -134,6 +144,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     );
     config.advertise_ip = args.advertise_ip;
     config.builds = !args.no_builds;
+    config.sandbox = args.sandbox;
     stead_agent::run(config, shutdown_signal()).await?;
     Ok(())
 }
