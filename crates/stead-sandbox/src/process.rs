@@ -302,8 +302,15 @@ impl ProcessSandbox {
             env.insert("PATH".into(), confine::sandbox_path(c, &spec.cwd, &path));
             // The app's folder is read-only: its home is the data dir.
             env.insert("HOME".into(), confine::home(c).display().to_string());
+            // A tmpfs data directory is memory: it may not use more than
+            // half the memory limit, or filling it would OOM-kill the app
+            // rather than fail with ENOSPC.
+            let mut c = c.clone();
+            if c.data_dir.is_none() {
+                c.data_mb = c.data_mb.min((spec.memory_mb / 2).max(1));
+            }
             InitConfine {
-                ops: confine::plan_root(c, &spec.cwd, &self.staging, host_id, &RealHostFs),
+                ops: confine::plan_root(&c, &spec.cwd, &self.staging, host_id, &RealHostFs),
                 staging: self.staging.clone(),
                 host_id,
                 seccomp: c.seccomp,
@@ -781,5 +788,41 @@ impl SandboxProcess {
     /// Memory currently charged to the sandbox's cgroup.
     pub fn memory_usage_bytes(&self) -> Option<u64> {
         self.cgroup.memory_usage()
+    }
+
+    /// CPU time the sandbox has used so far, in microseconds (the agent
+    /// turns the difference between two readings into cores for the
+    /// autoscaler). cgroup v2: the cgroup's `cpu.stat`. v1, where sandboxes
+    /// get no cpuacct group: the user and system time of the processes in
+    /// the memory cgroup, including children they reaped.
+    pub fn cpu_usage_usec(&self) -> Option<u64> {
+        let dir = &self.cgroup.memory;
+        if self.cgroup.version == CgroupVersion::V2 {
+            let text = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+            return crate::cgroup::keyed_value(&text, "usage_usec");
+        }
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+        // SAFETY: sysconf only reads a constant of the C library.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+            .ok()
+            .filter(|h| *h > 0)
+            .unwrap_or(100);
+        let mut ticks = 0u64;
+        for pid in procs.split_whitespace() {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // Fields after the `(comm)`: state is 3rd, utime..cstime 14th..17th.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            ticks += rest
+                .split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        Some(ticks.saturating_mul(1_000_000) / hz)
     }
 }
