@@ -6,8 +6,10 @@
 //! sandbox is a process sandbox (own cgroup with the memory, CPU and pids
 //! limits, own pid, mount, uts, ipc and network namespaces, adoption after
 //! an agent restart, exit and OOM reporting) whose command is a small
-//! supervisor script that runs `runsc create/start/wait` on an OCI bundle
-//! generated from the spec. `runsc --network=host` then uses the network
+//! supervisor script that runs `runsc run` (in a session of its own) on an OCI bundle
+//! generated from the spec (with `--ignore-cgroups`: gVisor's processes
+//! stay in the sandbox's cgroup, whose limits bound the whole gVisor
+//! sandbox, the app's memory being the sentry's). `runsc --network=host` then uses the network
 //! namespace it was started in, which has only `lo`: the app's port is
 //! reached with [`crate::SandboxProcess::connect`] exactly as with the
 //! process backend, and a database exposed with `listen` is on its
@@ -175,23 +177,32 @@ pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// The script the process sandbox runs: create and start the container,
-/// turn the signals pid 1 forwards into `runsc kill`, wait for the
-/// container (again after each signal: `runsc wait` dies of them too) and
-/// exit with its status; remove the container and the bundle at the end.
+/// The script the process sandbox runs: run the container, turn the
+/// signals pid 1 forwards into `runsc kill`, wait for it (again after each
+/// signal) and exit with its status; remove the container and the bundle
+/// at the end.
 pub(crate) fn supervisor_script(runsc: &Path, state: &Path, bundle: &Path, id: &str) -> String {
     // Sandbox ids are ASCII letters, digits, '-', '_' and '.' (validated),
     // so quoting them is belt and braces.
     let id = sh_quote(id);
     let b = sh_quote(&bundle.display().to_string());
-    let mut s = format!(
-        "r() {{ {} --root {} --platform=ptrace --network=host \"$@\"; }}\n",
-        sh_quote(&runsc.display().to_string()),
-        sh_quote(&state.display().to_string())
-    );
+    let status = sh_quote(&format!("{}.status", bundle.display()));
+    let runsc = sh_quote(&runsc.display().to_string());
+    let state = sh_quote(&state.display().to_string());
+    let flags = "--platform=ptrace --network=host --ignore-cgroups";
+    let mut s = format!("r() {{ {runsc} --root {state} {flags} \"$@\"; }}\n");
     s.push_str(&format!(
-        "r delete -force {id} >/dev/null 2>&1\n\
-         r create --bundle {b} {id} || {{ rm -rf {b}; exit 125; }}\n"
+        "r delete -force {id} >/dev/null 2>&1\nrm -f {status}\n"
+    ));
+    // `runsc run` is the only way to get the exit status of a container
+    // that may exit at once (`runsc wait` loses it when the sandbox is
+    // gone first). It runs in a session of its own, so the signals pid 1
+    // forwards to our process group do not kill it: the traps turn them
+    // into `runsc kill`.
+    s.push_str(&format!(
+        "setsid sh -c '\"$0\" --root \"$1\" {flags} run --bundle \"$2\" \"$3\"; echo $? > \"$4\"' \
+         {runsc} {state} {b} {id} {status} &\n\
+         w=$!\n"
     ));
     for sig in ["TERM", "INT", "HUP", "QUIT", "USR1", "USR2"] {
         s.push_str(&format!(
@@ -199,15 +210,10 @@ pub(crate) fn supervisor_script(runsc: &Path, state: &Path, bundle: &Path, id: &
         ));
     }
     s.push_str(&format!(
-        "r start {id} || {{ r delete -force {id}; rm -rf {b}; exit 125; }}\n\
-         out=''\n\
-         while :; do\n\
-         \x20 out=$(r wait {id} 2>/dev/null) && break\n\
-         \x20 r state {id} >/dev/null 2>&1 || break\n\
-         done\n\
+        "while kill -0 $w 2>/dev/null; do wait $w; done\n\
+         st=$(cat {status} 2>/dev/null)\n\
          r delete -force {id} >/dev/null 2>&1\n\
-         rm -rf {b}\n\
-         st=$(printf '%s' \"$out\" | sed -n 's/.*\"exitStatus\":\\([0-9]*\\).*/\\1/p')\n\
+         rm -rf {b} {status}\n\
          exit \"${{st:-1}}\"\n"
     ));
     s
@@ -277,15 +283,10 @@ pub(crate) fn oci_config(spec: &SandboxSpec, conf: &Confinement, paths: &dyn Pat
             "options": ["rbind", "ro", "nosuid", "nodev"]
         }));
     }
-    let memory = spec.memory_bytes().unwrap_or(u64::MAX);
-    let mut resources = json!({
-        "memory": {"limit": memory},
-        "pids": {"limit": spec.pids_max},
-    });
-    if let Some(m) = spec.cpu_millis {
-        let (quota, period) = crate::cgroup::cpu_quota(m);
-        resources["cpu"] = json!({"quota": quota, "period": period});
-    }
+    // No `linux.resources`: with them runsc moves itself into cgroups of
+    // its own making. Without, gVisor's processes stay in the sandbox's
+    // cgroup, whose memory, CPU and pids limits then bound the whole
+    // gVisor sandbox (the app's memory is the sentry's memory).
     json!({
         "ociVersion": "1.0.0",
         "process": {
@@ -313,7 +314,6 @@ pub(crate) fn oci_config(spec: &SandboxSpec, conf: &Confinement, paths: &dyn Pat
         "mounts": mounts,
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-            "resources": resources,
         }
     })
 }
@@ -357,8 +357,8 @@ mod tests {
         assert_eq!(c["process"]["cwd"], "/app/v1");
         assert_eq!(c["process"]["user"]["uid"], conf.host_id("gv-1"));
         assert_eq!(c["process"]["noNewPrivileges"], true);
-        assert_eq!(c["linux"]["resources"]["memory"]["limit"], 64u64 << 20);
-        assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 50_000);
+        // Limits are the sandbox cgroup's, not runsc's own.
+        assert!(c["linux"]["resources"].is_null());
         let env: Vec<&str> = c["process"]["env"]
             .as_array()
             .unwrap()
@@ -399,8 +399,8 @@ mod tests {
             Path::new("/run/x/b/id1"),
             "id1",
         );
-        assert!(s.contains("--platform=ptrace --network=host \"$@\""));
-        assert!(s.contains("r create --bundle '/run/x/b/id1' 'id1'"));
+        assert!(s.contains("--platform=ptrace --network=host --ignore-cgroups \"$@\""));
+        assert!(s.contains(r#"run --bundle "$2" "$3"; echo $? > "$4"' '/usr/bin/runsc' '/run/x/state' '/run/x/b/id1' 'id1' '/run/x/b/id1.status' &"#), "{s}");
         assert!(s.contains("trap \"r kill 'id1' TERM >/dev/null 2>&1\" TERM"));
         assert_eq!(sh_quote("a'b"), "'a'\\''b'");
     }

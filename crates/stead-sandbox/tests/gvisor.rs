@@ -1,0 +1,147 @@
+//! Integration tests of the gVisor backend: root and `runsc` needed
+//! (scripts/test installs Debian's runsc package).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use stead_sandbox::{Backend, Output, SandboxSpec, Sandboxes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BOUND: Duration = Duration::from_secs(30);
+
+fn sandboxes() -> Sandboxes {
+    Sandboxes::new(
+        PathBuf::from(env!("CARGO_BIN_EXE_stead-sandbox-init")),
+        Backend::Gvisor,
+    )
+    .expect("the gvisor backend (is runsc installed?)")
+}
+
+fn spec(name: &str, cwd: &std::path::Path, command: &str, sb: &Sandboxes) -> SandboxSpec {
+    let mut s = SandboxSpec {
+        stdout: Output::Pipe,
+        stderr: Output::Pipe,
+        backend: Backend::Gvisor,
+        confine: Some(sb.confinement().clone()),
+        ..SandboxSpec::new(format!("g-{name}-{}", std::process::id()), cwd, command)
+    };
+    s.env.insert(
+        "PATH".into(),
+        std::env::var("PATH").unwrap_or_else(|_| stead_sandbox::DEFAULT_PATH.into()),
+    );
+    s
+}
+
+fn app_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("app.txt"), "the app's file\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn the_host_reports_gvisor() {
+    assert!(sandboxes().backends().contains(&Backend::Gvisor));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_under_gvisor_with_env_cwd_and_exit_status() {
+    let dir = app_dir();
+    let sb = sandboxes();
+    let mut s = spec(
+        "run",
+        dir.path(),
+        "cat app.txt; echo HOME=$HOME; echo X=$X; dmesg 2>/dev/null | head -1; exit 7",
+        &sb,
+    );
+    s.env.insert("X".into(), "y".into());
+    let mut p = sb.spawn(s).await.expect("spawn");
+    let mut out = p.take_stdout().unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(BOUND, out.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    let exit = tokio::time::timeout(BOUND, p.wait()).await.unwrap();
+    assert_eq!(exit.code, Some(7), "{exit:?} {text}");
+    assert!(text.contains("the app's file"), "{text}");
+    assert!(text.contains("HOME=/data"), "{text}");
+    assert!(text.contains("X=y"), "{text}");
+    // gVisor's own kernel log, not the host's.
+    assert!(
+        text.contains("gVisor") || text.contains("Starting"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_under_gvisor_is_reached_with_connect_and_stops_with_sigterm() {
+    let dir = app_dir();
+    let sb = sandboxes();
+    let port = 18090;
+    let s = SandboxSpec {
+        stdout: Output::Null,
+        stderr: Output::Null,
+        ..spec(
+            "server",
+            dir.path(),
+            &format!("exec python3 -m http.server {port} --bind 0.0.0.0"),
+            &sb,
+        )
+    };
+    let p = sb.spawn(s).await.expect("spawn");
+    let mut conn = None;
+    for _ in 0..300 {
+        if let Ok(c) = p.connect(port).await {
+            conn = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut conn = conn.expect("the server under gVisor never accepted");
+    conn.write_all(b"GET /app.txt HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    tokio::time::timeout(BOUND, conn.read_to_string(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(resp.contains("the app's file"), "{resp}");
+    // Adoptable like any sandbox.
+    let persisted = p.persisted();
+    assert_eq!(persisted.backend, Backend::Gvisor);
+    let t = std::time::Instant::now();
+    let exit = tokio::time::timeout(BOUND, p.stop(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "SIGTERM reached the app: {exit:?}"
+    );
+    assert!(exit.code.is_some(), "{exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limit_holds_under_gvisor() {
+    let dir = app_dir();
+    let sb = sandboxes();
+    let mut s = spec(
+        "oom",
+        dir.path(),
+        "exec python3 -c 'b=[]\nwhile True: b.append(bytearray(16<<20))'",
+        &sb,
+    );
+    s.memory_mb = 96;
+    let p = sb.spawn(s).await.expect("spawn");
+    let exit = match tokio::time::timeout(BOUND, p.wait()).await {
+        Ok(e) => e,
+        Err(_) => {
+            let _ = p.kill();
+            panic!("the memory hog under gVisor was not stopped by its limit");
+        }
+    };
+    assert!(exit.code != Some(0), "{exit:?}");
+    assert!(exit.oom_killed, "{exit:?}");
+}
