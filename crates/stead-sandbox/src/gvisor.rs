@@ -102,10 +102,19 @@ impl GvisorSandbox {
                     .into(),
             });
         }
-        let conf = spec
+        let mut conf = spec
             .confine
             .clone()
             .unwrap_or_else(|| self.confinement.clone());
+        // tmpfs pages are the sentry's memory: a full /tmp or data
+        // directory must leave room for the app and gVisor itself (some
+        // 40 MiB), or filling it would OOM-kill the sandbox rather than
+        // fail with ENOSPC.
+        let quarter = (spec.memory_mb / 4).max(1);
+        conf.tmp_mb = conf.tmp_mb.min(quarter);
+        if conf.data_dir.is_none() {
+            conf.data_mb = conf.data_mb.min(quarter);
+        }
         if let Some(dir) = conf.data_dir.clone() {
             let (host_id, mb) = (conf.host_id(&spec.id), conf.data_mb);
             tokio::task::spawn_blocking(move || crate::datadir::prepare(&dir, mb, host_id))
@@ -149,6 +158,7 @@ impl GvisorSandbox {
             confine: None,
             cwd: "/".into(),
             env: [("PATH".to_owned(), crate::DEFAULT_PATH.to_owned())].into(),
+            pids_max: gvisor_host_pids(&spec),
             backend: Backend::Gvisor,
             ..spec
         };
@@ -189,7 +199,7 @@ pub(crate) fn supervisor_script(runsc: &Path, state: &Path, bundle: &Path, id: &
     let status = sh_quote(&format!("{}.status", bundle.display()));
     let runsc = sh_quote(&runsc.display().to_string());
     let state = sh_quote(&state.display().to_string());
-    let flags = "--platform=ptrace --network=host --ignore-cgroups";
+    let flags = "--platform=ptrace --network=host --ignore-cgroups --oci-seccomp";
     let mut s = format!("r() {{ {runsc} --root {state} {flags} \"$@\"; }}\n");
     s.push_str(&format!(
         "r delete -force {id} >/dev/null 2>&1\nrm -f {status}\n"
@@ -217,6 +227,46 @@ pub(crate) fn supervisor_script(runsc: &Path, state: &Path, bundle: &Path, id: &
          exit \"${{st:-1}}\"\n"
     ));
     s
+}
+
+/// The process backend's seccomp policy as an OCI profile, which gVisor
+/// applies inside its sandbox (`--oci-seccomp`): the app meets the same
+/// denials under both backends.
+pub(crate) fn oci_seccomp(mode: confine::SeccompMode) -> Value {
+    let action = match mode {
+        confine::SeccompMode::Errno => "SCMP_ACT_ERRNO",
+        confine::SeccompMode::Kill => "SCMP_ACT_KILL_PROCESS",
+    };
+    let names: Vec<&str> = confine::DENIED_SYSCALLS.iter().map(|(n, _)| *n).collect();
+    let mut syscalls = vec![json!({"names": names, "action": action, "errnoRet": libc::EPERM})];
+    for call in ["clone", "unshare"] {
+        for flag in confine::NAMESPACE_FLAGS {
+            syscalls.push(json!({
+                "names": [call], "action": action, "errnoRet": libc::EPERM,
+                "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]
+            }));
+        }
+    }
+    // No clone3 rule: gVisor answers clone3 with ENOSYS itself (libc then
+    // uses clone, checked above), and its OCI filters do not honour
+    // errnoRet, so a rule would turn it into EPERM and break threads.
+    json!({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": syscalls})
+}
+
+/// The app's process limit inside gVisor: one per 4 MiB of memory, 16 to
+/// `pids_max`. Under --platform=ptrace each of the app's processes costs
+/// host stub processes and threads and some memory, so the app's fork must
+/// fail (EAGAIN, as the app can handle) well before the sandbox's cgroup
+/// runs out of either, which would kill gVisor as a whole.
+pub(crate) fn gvisor_nproc(spec: &SandboxSpec) -> u64 {
+    (spec.memory_mb / 4).clamp(16, spec.pids_max.max(16))
+}
+
+/// Host processes (and threads) of a gVisor sandbox: the sentry's, the
+/// gofer's and the stubs of the app's address spaces, several per app
+/// process.
+pub(crate) fn gvisor_host_pids(spec: &SandboxSpec) -> u64 {
+    spec.pids_max.saturating_mul(8).clamp(1024, 32768)
 }
 
 /// What the OCI config generator needs to know about host paths.
@@ -307,13 +357,22 @@ pub(crate) fn oci_config(spec: &SandboxSpec, conf: &Confinement, paths: &dyn Pat
                     confine::RlimitResource::Nproc => return None,
                 };
                 Some(json!({"type": name, "hard": l.value, "soft": l.value}))
-            }).collect::<Vec<_>>(),
+            })
+            // gVisor's tasks are not host processes: the cgroup's pids
+            // limit cannot count them, the sentry's RLIMIT_NPROC does (see
+            // gvisor_nproc).
+            .chain(std::iter::once({
+                let nproc = gvisor_nproc(spec);
+                json!({"type": "RLIMIT_NPROC", "hard": nproc, "soft": nproc})
+            }))
+            .collect::<Vec<_>>(),
         },
         "root": {"path": "rootfs", "readonly": true},
         "hostname": spec.hostname(),
         "mounts": mounts,
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "seccomp": oci_seccomp(conf.seccomp),
         }
     })
 }
@@ -384,6 +443,12 @@ mod tests {
             |m| m["type"] != "bind" || m["options"].as_array().unwrap().contains(&json!("ro"))
         ));
         assert_eq!(c["root"]["readonly"], true);
+        let sc = &c["linux"]["seccomp"];
+        assert_eq!(sc["defaultAction"], "SCMP_ACT_ALLOW");
+        assert!(sc["syscalls"][0]["names"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("mount")));
         // No network namespace in the spec: runsc uses the sandbox's.
         assert!(!c["linux"]["namespaces"]
             .as_array()
@@ -399,7 +464,9 @@ mod tests {
             Path::new("/run/x/b/id1"),
             "id1",
         );
-        assert!(s.contains("--platform=ptrace --network=host --ignore-cgroups \"$@\""));
+        assert!(
+            s.contains("--platform=ptrace --network=host --ignore-cgroups --oci-seccomp \"$@\"")
+        );
         assert!(s.contains(r#"run --bundle "$2" "$3"; echo $? > "$4"' '/usr/bin/runsc' '/run/x/state' '/run/x/b/id1' 'id1' '/run/x/b/id1.status' &"#), "{s}");
         assert!(s.contains("trap \"r kill 'id1' TERM >/dev/null 2>&1\" TERM"));
         assert_eq!(sh_quote("a'b"), "'a'\\''b'");

@@ -306,8 +306,10 @@ impl ProcessSandbox {
             // half the memory limit, or filling it would OOM-kill the app
             // rather than fail with ENOSPC.
             let mut c = c.clone();
+            let half = (spec.memory_mb / 2).max(1);
+            c.tmp_mb = c.tmp_mb.min(half);
             if c.data_dir.is_none() {
-                c.data_mb = c.data_mb.min((spec.memory_mb / 2).max(1));
+                c.data_mb = c.data_mb.min(half);
             }
             InitConfine {
                 ops: confine::plan_root(&c, &spec.cwd, &self.staging, host_id, &RealHostFs),

@@ -32,16 +32,7 @@ struct Suite<'a> {
 impl Suite<'_> {
     /// Runs one attempt through the router and records its verdict.
     fn attempt(&mut self, name: &str, query: &str) -> serde_json::Value {
-        let path = if query.is_empty() {
-            format!("/attempt/{name}")
-        } else {
-            format!("/attempt/{name}?{query}")
-        };
-        let (status, _, body) = self.dev.get("hostile", &path);
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| {
-            serde_json::json!({"attempted": false, "contained": false,
-                               "detail": format!("HTTP {status}: {body}")})
-        });
+        let v = self.raw(name, query);
         self.record(
             name,
             v["attempted"] == true,
@@ -49,6 +40,21 @@ impl Suite<'_> {
             &v["detail"].to_string(),
         );
         v
+    }
+
+    /// Runs one attempt through the router, leaving the verdict to the
+    /// caller.
+    fn raw(&self, name: &str, query: &str) -> serde_json::Value {
+        let path = if query.is_empty() {
+            format!("/attempt/{name}")
+        } else {
+            format!("/attempt/{name}?{query}")
+        };
+        let (status, _, body) = self.dev.get("hostile", &path);
+        serde_json::from_str(&body).unwrap_or_else(|_| {
+            serde_json::json!({"attempted": false, "contained": false,
+                               "detail": format!("HTTP {status}: {body}")})
+        })
     }
 
     fn record(&mut self, name: &str, attempted: bool, contained: bool, detail: &str) {
@@ -250,9 +256,24 @@ fn run_suite(backend: &str) {
         ),
     );
     let escape_file = agent_dir.join("escaped");
-    s.attempt(
+    s.attempt("write_outside", "");
+    // A path on the host: judged on the host.
+    let v = s.raw(
         "write_outside",
-        &format!("extra={}", urlencode(&escape_file.display().to_string())),
+        &format!(
+            "host_path={}",
+            urlencode(&escape_file.display().to_string())
+        ),
+    );
+    s.record(
+        "write_host_path",
+        v["attempted"] == true,
+        !escape_file.exists(),
+        &format!(
+            "{} (on the host: exists={})",
+            v["detail"],
+            escape_file.exists()
+        ),
     );
     let hostile_build = agent_dir.join("apps/hostile/v1");
     for f in [

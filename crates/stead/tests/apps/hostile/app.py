@@ -66,10 +66,21 @@ def attempt_list_agent_data(q):
 def attempt_write_outside(q):
     wrote = []
     tried = []
+    if q.get("host_path"):
+        # A path of the host (the test checks the host afterwards): inside
+        # the sandbox the same path may well be writable, in a private
+        # /tmp; what matters is that nothing appears on the host.
+        t = q["host_path"]
+        try:
+            os.makedirs(os.path.dirname(t), exist_ok=True)
+            with open(t, "w") as f:
+                f.write("x")
+            return True, f"wrote {t} inside the sandbox"
+        except OSError as e:
+            return True, f"{t}: {err_name(e.errno)}"
     targets = ["/escape", "/usr/escape", "/etc/escape", "/bin/escape",
                os.path.join(os.getcwd(), "escape"),
                "/proc/sys/kernel/hostname", "/proc/sysrq-trigger"]
-    targets += q.get("extra", "").split(",") if q.get("extra") else []
     for t in targets:
         tried.append(t)
         try:
