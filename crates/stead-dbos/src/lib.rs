@@ -184,7 +184,12 @@ fn new_uuid() -> String {
     )
 }
 
-/// A connection to one app's system database.
+/// A schema read and when it was read.
+type CachedSchema = (Instant, Arc<Schema>);
+
+/// A connection pool to one app's system database. Cheap to clone (clones
+/// share the pool and the schema cache).
+#[derive(Clone)]
 pub struct SystemDb {
     pool: AnyPool,
     backend: Backend,
@@ -192,7 +197,7 @@ pub struct SystemDb {
     database: String,
     /// For SQLite: the file, which may not exist before the app first runs.
     sqlite_path: Option<PathBuf>,
-    schema: Mutex<Option<(Instant, Arc<Schema>)>>,
+    schema: Arc<Mutex<Option<CachedSchema>>>,
 }
 
 impl std::fmt::Debug for SystemDb {
@@ -336,7 +341,7 @@ impl SystemDb {
             backend,
             database,
             sqlite_path,
-            schema: Mutex::new(None),
+            schema: Arc::new(Mutex::new(None)),
         };
         if backend == Backend::Postgres {
             sqlx::query("SELECT 1")

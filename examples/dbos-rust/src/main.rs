@@ -155,7 +155,8 @@ async fn main() {
         }
     };
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };
@@ -215,11 +216,20 @@ async fn route(app: &App, method: &str, target: &str) -> (&'static str, serde_js
     match (method, path) {
         ("GET", "/healthz") => ("200 OK", json!({"status": "ok"})),
         ("POST", "/workflows/start") => {
-            let steps = query_param(query, "steps").and_then(|v| v.parse().ok()).unwrap_or(3);
+            let steps = query_param(query, "steps")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(3);
             let step_seconds = query_param(query, "step_seconds")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1.0);
-            match app.workflow.start(Job { steps, step_seconds }).await {
+            match app
+                .workflow
+                .start(Job {
+                    steps,
+                    step_seconds,
+                })
+                .await
+            {
                 Ok(handle) => ("200 OK", json!({"workflow_id": handle.workflow_id()})),
                 Err(e) => ("500 Internal Server Error", json!({"error": e.to_string()})),
             }
@@ -236,7 +246,10 @@ async fn route(app: &App, method: &str, target: &str) -> (&'static str, serde_js
         }
         ("GET", p) if p.starts_with("/workflows/") => {
             let id = &p["/workflows/".len()..];
-            let handle = match app.dbos.retrieve_workflow::<Vec<String>, dbos::EngineOnly>(id) {
+            let handle = match app
+                .dbos
+                .retrieve_workflow::<Vec<String>, dbos::EngineOnly>(id)
+            {
                 Ok(h) => h,
                 Err(e) => return ("500 Internal Server Error", json!({"error": e.to_string()})),
             };
@@ -248,11 +261,15 @@ async fn route(app: &App, method: &str, target: &str) -> (&'static str, serde_js
                     } else {
                         None
                     };
-                    ("200 OK", json!({"workflow_id": id, "status": status, "result": result}))
+                    (
+                        "200 OK",
+                        json!({"workflow_id": id, "status": status, "result": result}),
+                    )
                 }
-                Err(dbos::Error::WorkflowNotFound { .. }) => {
-                    ("404 Not Found", json!({"error": format!("no workflow {id}")}))
-                }
+                Err(dbos::Error::WorkflowNotFound { .. }) => (
+                    "404 Not Found",
+                    json!({"error": format!("no workflow {id}")}),
+                ),
                 Err(e) => ("500 Internal Server Error", json!({"error": e.to_string()})),
             }
         }
