@@ -6,6 +6,10 @@
 //! - `GET /workflows/{id}` answers its status (and output once it succeeded).
 //! - `GET /executions` answers every recorded step execution, as a JSON array.
 //! - `GET /healthz` answers 200.
+//! - `POST /gates/NAME` opens the gate NAME: a workflow started with
+//!   `gate=NAME&gate_step=K` holds step K open (after its sleep) until then,
+//!   so a test can keep a workflow running for as long as it needs (as in the
+//!   Python examples).
 //!
 //! Each time a step body begins and ends it appends
 //! `{workflow_id, step, event: "start"|"end", executor, version, ts}` as one
@@ -30,10 +34,39 @@ use tokio::net::{TcpListener, TcpStream};
 
 const APP_NAME: &str = "dbos-rust";
 
-#[derive(Serialize, Deserialize, Clone, Copy)]
+#[derive(Serialize, Deserialize, Clone)]
 struct Job {
     steps: u32,
     step_seconds: f64,
+    #[serde(default)]
+    gate: Option<String>,
+    #[serde(default)]
+    gate_step: u32,
+}
+
+fn data_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(std::env::var("STEAD_DATA_DIR").unwrap_or_else(|_| ".".into()))
+}
+
+/// Where `POST /gates/NAME` marks a gate open; shared by every instance.
+fn gate_path(name: &str) -> std::path::PathBuf {
+    // Only the last path component: a gate name cannot escape the folder.
+    let name = std::path::Path::new(name)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    data_dir().join("gates").join(name)
+}
+
+/// Blocks (at most 900 s) until the gate is open.
+async fn wait_for_gate(name: &str) {
+    let path = gate_path(name);
+    for _ in 0..9000 {
+        if path.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 type Workflow = WorkflowRef<Job, Vec<String>>;
@@ -56,7 +89,7 @@ fn now_ms() -> u128 {
 
 /// Appends one execution record, durably: a test reads it after a kill -9.
 fn record(workflow_id: &str, step: u32, event: &str) {
-    let dir = std::env::var("STEAD_DATA_DIR").unwrap_or_else(|_| ".".into());
+    let dir = data_dir();
     let line = serde_json::json!({
         "workflow_id": workflow_id,
         "step": step,
@@ -66,7 +99,7 @@ fn record(workflow_id: &str, step: u32, event: &str) {
         "ts": now_ms() as f64 / 1000.0,
     })
     .to_string();
-    let path = std::path::Path::new(&dir).join("executions.jsonl");
+    let path = dir.join("executions.jsonl");
     let result = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -86,11 +119,16 @@ async fn run_job(job: Job) -> dbos::Result<Vec<String>> {
     for step in 1..=job.steps {
         let id = workflow_id.clone();
         let seconds = job.step_seconds;
+        let gate = job.gate.clone().filter(|_| step == job.gate_step);
         let out: String = dbos::step("sleep_step", move || {
             let id = id.clone();
+            let gate = gate.clone();
             async move {
                 record(&id, step, "start");
                 tokio::time::sleep(Duration::from_secs_f64(seconds.max(0.0))).await;
+                if let Some(gate) = gate {
+                    wait_for_gate(&gate).await;
+                }
                 record(&id, step, "end");
                 dbos::Result::Ok(format!("step {step} done"))
             }
@@ -222,22 +260,37 @@ async fn route(app: &App, method: &str, target: &str) -> (&'static str, serde_js
             let step_seconds = query_param(query, "step_seconds")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1.0);
-            match app
-                .workflow
-                .start(Job {
-                    steps,
-                    step_seconds,
-                })
-                .await
-            {
+            let gate = query_param(query, "gate").filter(|g| !g.is_empty());
+            let gate_step = query_param(query, "gate_step")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let job = Job {
+                steps,
+                step_seconds,
+                gate,
+                gate_step,
+            };
+            match app.workflow.start(job).await {
                 Ok(handle) => ("200 OK", json!({"workflow_id": handle.workflow_id()})),
                 Err(e) => ("500 Internal Server Error", json!({"error": e.to_string()})),
             }
         }
+        ("POST", p) if p.starts_with("/gates/") => {
+            let name = &p["/gates/".len()..];
+            let path = gate_path(name);
+            let opened = path
+                .parent()
+                .map(std::fs::create_dir_all)
+                .unwrap_or(Ok(()))
+                .and_then(|_| std::fs::write(&path, "open\n"));
+            match opened {
+                Ok(()) => ("200 OK", json!({"gate": name, "open": true})),
+                Err(e) => ("500 Internal Server Error", json!({"error": e.to_string()})),
+            }
+        }
         ("GET", "/executions") => {
-            let dir = std::env::var("STEAD_DATA_DIR").unwrap_or_else(|_| ".".into());
-            let text = std::fs::read_to_string(std::path::Path::new(&dir).join("executions.jsonl"))
-                .unwrap_or_default();
+            let text =
+                std::fs::read_to_string(data_dir().join("executions.jsonl")).unwrap_or_default();
             let records: Vec<serde_json::Value> = text
                 .lines()
                 .filter_map(|l| serde_json::from_str(l).ok())
