@@ -11,6 +11,9 @@ the library's startup self-recovery stays on too.
 - GET /workflows/{id} answers its status, and its result once it finished.
 - GET /executions answers every recorded step execution, as a JSON array.
 - GET /healthz answers 200.
+- POST /gates/NAME opens the gate NAME: a workflow started with
+  `gate=NAME&gate_step=K` holds step K open (after its sleep) until then, so
+  a test can keep a workflow running for as long as it needs.
 
 Each time a step body begins and ends it appends one JSON line
 {workflow_id, step, event: "start"|"end", executor, version, ts} to
@@ -35,6 +38,15 @@ from dbos import DBOS
 APP_NAME = "dbos-python2"
 DATA_DIR = os.environ.get("STEAD_DATA_DIR", ".")
 EXECUTIONS = os.path.join(DATA_DIR, "executions.jsonl")
+GATES = os.path.join(DATA_DIR, "gates")
+
+
+def wait_for_gate(name, limit_seconds=900):
+    """Blocks until POST /gates/NAME (on any instance of the app) opened it."""
+    deadline = time.time() + limit_seconds
+    path = os.path.join(GATES, name)
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def record(workflow_id, step, event):
@@ -58,17 +70,22 @@ def record(workflow_id, step, event):
 
 
 @DBOS.step()
-def sleep_step(step, seconds):
+def sleep_step(step, seconds, gate=None):
     workflow_id = DBOS.workflow_id
     record(workflow_id, step, "start")
     time.sleep(seconds)
+    if gate:
+        wait_for_gate(gate)
     record(workflow_id, step, "end")
     return f"step {step} done"
 
 
 @DBOS.workflow()
-def steps_workflow(steps, step_seconds):
-    return [sleep_step(i, step_seconds) for i in range(1, steps + 1)]
+def steps_workflow(steps, step_seconds, gate=None, gate_step=0):
+    return [
+        sleep_step(i, step_seconds, gate if i == gate_step else None)
+        for i in range(1, steps + 1)
+    ]
 
 
 def executions():
@@ -121,6 +138,13 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
+        if url.path.startswith("/gates/"):
+            name = os.path.basename(url.path[len("/gates/") :])
+            os.makedirs(GATES, exist_ok=True)
+            with open(os.path.join(GATES, name), "w") as f:
+                f.write("open\n")
+            self.answer(200, {"gate": name, "open": True})
+            return
         if url.path != "/workflows/start":
             self.answer(404, {"error": "not found"})
             return
@@ -131,7 +155,9 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.answer(400, {"error": "steps must be an integer and step_seconds a number"})
             return
-        handle = DBOS.start_workflow(steps_workflow, steps, step_seconds)
+        gate = query.get("gate", [None])[0]
+        gate_step = int(query.get("gate_step", ["0"])[0] or 0)
+        handle = DBOS.start_workflow(steps_workflow, steps, step_seconds, gate, gate_step)
         self.answer(200, {"workflow_id": handle.get_workflow_id()})
 
     def log_message(self, fmt, *args):

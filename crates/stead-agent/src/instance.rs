@@ -34,6 +34,9 @@ pub(crate) struct Record {
     pub run: RunSpec,
     pub started_at: i64,
     pub sandbox: Persisted,
+    /// Host services exposed inside the instance (see `IntendedApp::expose`).
+    #[serde(default)]
+    pub expose: Vec<String>,
 }
 
 pub(crate) struct Instance {
@@ -53,6 +56,10 @@ pub(crate) struct Instance {
     /// Set when the agent itself stopped it, so the exit is not counted as
     /// a crash.
     pub stopped_by_agent: bool,
+    /// It answers the DBOS admin health check (so it can recover the
+    /// workflows of dead executors through the admin endpoint).
+    pub dbos_admin: bool,
+    pub health_timeout: Duration,
 }
 
 pub(crate) fn instance_dir(shared: &Shared, id: &str) -> PathBuf {
@@ -94,6 +101,8 @@ pub(crate) async fn observe(shared: &Shared) -> Vec<(Observed, ObservedInstance)
                     version: i.version,
                     phase: i.phase,
                     started_at: i.started_at,
+                    executor_id: i.executor_id.clone(),
+                    unhealthy_timeout: Some(i.health_timeout),
                 },
                 ObservedInstance {
                     id: i.id.clone(),
@@ -105,6 +114,7 @@ pub(crate) async fn observe(shared: &Shared) -> Vec<(Observed, ObservedInstance)
                     pid: i.process.as_ref().map(|p| p.pid()),
                     started_at_ms: i.started_at,
                     exit: i.exit.clone(),
+                    dbos_admin: i.dbos_admin,
                 },
             )
         })
@@ -135,8 +145,11 @@ async fn set_phase(shared: &Shared, id: &str, phase: Phase, exit: Option<String>
 /// Starts one instance of `spec`: records it as starting at once (so the
 /// next pass does not start it twice), then prepares the artifact and
 /// spawns the sandbox in the background.
-pub(crate) async fn start(shared: &Arc<Shared>, spec: IntendedApp) {
+pub(crate) async fn start(shared: &Arc<Shared>, spec: IntendedApp, executor_id: Option<String>) {
     let id = new_instance_id(&spec.app, spec.version);
+    // Normally the instance id; the id of a dead instance when this one is
+    // to take over its workflows by starting under its identity.
+    let executor_id = executor_id.unwrap_or_else(|| id.clone());
     let now = now_ms();
     {
         let mut instances = shared.instances.lock().await;
@@ -146,7 +159,7 @@ pub(crate) async fn start(shared: &Arc<Shared>, spec: IntendedApp) {
                 id: id.clone(),
                 app: spec.app.clone(),
                 version: spec.version,
-                executor_id: id.clone(),
+                executor_id: executor_id.clone(),
                 phase: Phase::Starting,
                 started_at: now,
                 endpoint: None,
@@ -155,13 +168,15 @@ pub(crate) async fn start(shared: &Arc<Shared>, spec: IntendedApp) {
                 exit: None,
                 tasks: Vec::new(),
                 stopped_by_agent: false,
+                dbos_admin: false,
+                health_timeout: Duration::from_secs(u64::from(spec.run.health_timeout_s)),
             },
         );
     }
     tracing::info!(app = %spec.app, version = spec.version, instance = %id, host = %shared.config.name, "starting instance");
     let shared2 = shared.clone();
     let handle = tokio::spawn(async move {
-        if let Err(e) = launch(&shared2, &id, &spec, now).await {
+        if let Err(e) = launch(&shared2, &id, &executor_id, &spec, now).await {
             tracing::warn!(app = %spec.app, version = spec.version, instance = %id, host = %shared2.config.name, error = %e, "instance failed to start");
             shared2
                 .history
@@ -177,6 +192,7 @@ pub(crate) async fn start(shared: &Arc<Shared>, spec: IntendedApp) {
 async fn launch(
     shared: &Arc<Shared>,
     id: &str,
+    executor_id: &str,
     spec: &IntendedApp,
     started_at: i64,
 ) -> Result<(), String> {
@@ -198,7 +214,22 @@ async fn launch(
     env.extend(spec.env.clone());
     env.insert("PORT".into(), port.to_string());
     env.insert("STEAD_INSTANCE".into(), id.to_string());
-    env.insert("DBOS__VMID".into(), id.to_string());
+    env.insert("DBOS__VMID".into(), executor_id.to_string());
+    let data_dir = app_data_dir(shared, &spec.app);
+    tokio::fs::create_dir_all(&data_dir)
+        .await
+        .map_err(|e| format!("creating the app's data folder {}: {e}", data_dir.display()))?;
+    env.insert("STEAD_DATA_DIR".into(), data_dir.display().to_string());
+    if spec.run.language.as_deref() == Some("python") {
+        // Run with the virtualenv the build made active, as DBOS Cloud does.
+        let venv = app_dir.join(".venv");
+        let path = env.get("PATH").cloned().unwrap_or_default();
+        env.insert(
+            "PATH".into(),
+            format!("{}:{path}", venv.join("bin").display()),
+        );
+        env.insert("VIRTUAL_ENV".into(), venv.display().to_string());
+    }
     env.insert("DBOS__APPVERSION".into(), spec.version.to_string());
     env.insert("DBOS__APPID".into(), spec.app_id.clone());
     env.insert("DBOS_APP_NAME".into(), spec.app.clone());
@@ -219,7 +250,11 @@ async fn launch(
         // One CPU's worth per instance until apps can set their own: a
         // spinning instance cannot starve the others.
         cpu_millis: Some(1000),
-        confine: Some(shared.sandbox.confinement().clone()),
+        confine: Some(stead_sandbox::Confinement {
+            // Bound read-write at its own path, with a disk quota.
+            data_dir: Some(data_dir.clone()),
+            ..shared.sandbox.confinement().clone()
+        }),
         backend: shared.sandbox.default_backend(),
     };
     let process = shared
@@ -231,7 +266,8 @@ async fn launch(
         id: id.to_string(),
         app: spec.app.clone(),
         version: spec.version,
-        executor_id: id.to_string(),
+        executor_id: executor_id.to_string(),
+        expose: spec.expose.clone(),
         port,
         run: spec.run.clone(),
         started_at,
@@ -291,7 +327,17 @@ async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
         process.clone(),
         record.port,
         id.clone(),
+        shared.telemetry.tracker(&id),
     )));
+    // The app's own database, reachable inside its network namespace.
+    for target in &record.expose {
+        match expose(&process, target).await {
+            Ok(task) => tasks.push(task),
+            Err(e) => {
+                tracing::warn!(instance = %id, target = %target, error = %e, "could not expose a host service inside the instance")
+            }
+        }
+    }
     // Supervisor: the exit is noticed the moment it happens.
     {
         let shared = shared.clone();
@@ -332,9 +378,18 @@ async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
     }
 }
 
-async fn forward(listener: TcpListener, process: Arc<SandboxProcess>, port: u16, id: String) {
+/// The instance's endpoint: accepts the routers' connections on the host
+/// and splices each with a connection made inside the instance's network
+/// namespace, counting them (open, busy) so that a stop can drain them.
+async fn forward(
+    listener: TcpListener,
+    process: Arc<SandboxProcess>,
+    port: u16,
+    id: String,
+    tracker: Arc<crate::traffic::ConnTracker>,
+) {
     loop {
-        let (mut inbound, _) = match listener.accept().await {
+        let (inbound, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(instance = %id, error = %e, "accept failed on the instance endpoint");
@@ -343,12 +398,13 @@ async fn forward(listener: TcpListener, process: Arc<SandboxProcess>, port: u16,
             }
         };
         let process = process.clone();
+        let tracker = tracker.clone();
         tokio::spawn(async move {
             let _ = inbound.set_nodelay(true);
             match process.connect(port).await {
-                Ok(mut upstream) => {
+                Ok(upstream) => {
                     let _ = upstream.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
+                    tracker.splice(inbound, upstream).await;
                 }
                 Err(_) => {
                     // Closing the inbound connection without a byte tells the
@@ -396,6 +452,13 @@ async fn health_loop(shared: Arc<Shared>, process: Arc<SandboxProcess>, record: 
     loop {
         if probe(&process, record.port, health.as_deref()).await {
             tracing::info!(app = %record.app, version = record.version, instance = %record.id, host = %shared.config.name, "instance ready");
+            if let Some(admin) = record.run.admin_port {
+                if probe(&process, admin, Some("/dbos-healthz")).await {
+                    if let Some(i) = shared.instances.lock().await.get_mut(&record.id) {
+                        i.dbos_admin = true;
+                    }
+                }
+            }
             set_phase(&shared, &record.id, Phase::Ready, None).await;
             break;
         }
@@ -420,8 +483,13 @@ async fn health_loop(shared: Arc<Shared>, process: Arc<SandboxProcess>, record: 
 
 /// Stops an instance: no new traffic (it leaves the route table with the
 /// next heartbeat, as its state is `stopping`), SIGTERM, grace, SIGKILL.
+///
+/// An instance that was serving (ready) is drained first: once the control
+/// plane has acknowledged it as stopping and routers have dropped it, the
+/// requests it is still answering may finish, up to its grace period; the
+/// rest of the grace period then separates SIGTERM from SIGKILL.
 pub(crate) async fn stop(shared: &Arc<Shared>, id: &str, reason: StopReason) {
-    let (process, grace, app, version) = {
+    let (process, grace, app, version, serving, mark) = {
         let mut instances = shared.instances.lock().await;
         let Some(i) = instances.get_mut(id) else {
             return;
@@ -429,17 +497,42 @@ pub(crate) async fn stop(shared: &Arc<Shared>, id: &str, reason: StopReason) {
         if matches!(i.phase, Phase::Stopping | Phase::Exited { .. }) {
             return;
         }
+        let serving = i.phase == Phase::Ready;
         i.phase = Phase::Stopping;
         i.stopped_by_agent = true;
-        (i.process.clone(), i.grace, i.app.clone(), i.version)
+        // Read under the lock that set the phase: every later observation
+        // reports the instance as stopping.
+        let mark = shared.telemetry.observation_mark();
+        (
+            i.process.clone(),
+            i.grace,
+            i.app.clone(),
+            i.version,
+            serving,
+            mark,
+        )
     };
     tracing::info!(app = %app, version, instance = %id, host = %shared.config.name, reason = reason.describe(), "stopping instance");
+    // Report it as stopping now, so routers stop sending it requests.
+    shared.wake.notify_one();
     let shared = shared.clone();
     let id = id.to_string();
     tokio::spawn(async move {
         let desc = match process {
             Some(p) => {
-                let info = p.stop(grace).await;
+                let started = tokio::time::Instant::now();
+                let mut grace_left = grace;
+                if serving {
+                    let tracker = shared.telemetry.tracker(&id);
+                    let drained = crate::traffic::drain(&shared, &id, &tracker, mark, grace).await;
+                    shared.telemetry.count_drain(drained);
+                    tracing::info!(app = %app, version, instance = %id, ?drained,
+                        took_ms = started.elapsed().as_millis() as u64, "instance drained");
+                    grace_left = grace
+                        .saturating_sub(started.elapsed())
+                        .max(Duration::from_secs(1).min(grace));
+                }
+                let info = p.stop(grace_left).await;
                 format!("stopped ({}): {}", reason.describe(), info.description)
             }
             None => format!("stopped before it started ({})", reason.describe()),
@@ -497,15 +590,36 @@ pub(crate) async fn adopt_all(shared: &Arc<Shared>) {
                         exit: None,
                         tasks: Vec::new(),
                         stopped_by_agent: false,
+                        dbos_admin: false,
+                        health_timeout: Duration::from_secs(u64::from(record.run.health_timeout_s)),
                     },
                 );
                 attach(shared, record, process).await;
             }
             Ok(None) | Err(_) => {
+                // Reported as exited with the next heartbeat, so that the
+                // control plane recovers the workflows it owned; forgotten
+                // (logs shipped, files removed) after that.
                 tracing::info!(app = %record.app, version = record.version, instance = %record.id, "instance from an earlier agent run is gone");
-                crate::logship::ship_instance(shared, &record.app, record.version, &record.id)
-                    .await;
-                let _ = std::fs::remove_dir_all(&path);
+                shared.instances.lock().await.insert(
+                    record.id.clone(),
+                    Instance {
+                        id: record.id.clone(),
+                        app: record.app.clone(),
+                        version: record.version,
+                        executor_id: record.executor_id.clone(),
+                        phase: Phase::Exited { at: now_ms() },
+                        started_at: record.started_at,
+                        endpoint: None,
+                        process: None,
+                        grace: Duration::from_secs(record.run.grace_s as u64),
+                        exit: Some("exited while the agent was not running".into()),
+                        tasks: Vec::new(),
+                        stopped_by_agent: false,
+                        dbos_admin: false,
+                        health_timeout: Duration::from_secs(u64::from(record.run.health_timeout_s)),
+                    },
+                );
             }
         }
     }
@@ -545,4 +659,37 @@ pub(crate) async fn stop_all(shared: &Arc<Shared>) {
             let _ = tokio::fs::remove_dir_all(instance_dir(shared, &id)).await;
         }
     }
+}
+
+/// The per-app folder that survives instance replacement (`STEAD_DATA_DIR`).
+pub(crate) fn app_data_dir(shared: &Shared, app: &str) -> PathBuf {
+    shared.config.data_dir.join("appdata").join(app)
+}
+
+/// Makes `target` (`host:port`, reachable from the agent) reachable inside
+/// the instance at `127.0.0.1:<port>`: a listener inside its network
+/// namespace whose connections the agent relays. This is how an isolated
+/// instance reaches its own database and nothing else.
+async fn expose(process: &Arc<SandboxProcess>, target: &str) -> std::io::Result<JoinHandle<()>> {
+    let port: u16 = target
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("{target:?} is not host:port")))?;
+    let listener = process.listen(port).await?;
+    let target = target.to_string();
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = out.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    }))
 }

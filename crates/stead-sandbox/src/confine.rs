@@ -453,11 +453,19 @@ pub fn sandbox_path(conf: &Confinement, app_dir: &Path, path: &str) -> String {
             .chain(std::iter::once(&app_dir.to_path_buf()))
             .any(|b| p.starts_with(b))
     };
-    let mut out: Vec<String> = conf
-        .path_prefix
-        .iter()
-        .map(|p| p.display().to_string())
+    // The app's own `bin` directories (a virtualenv's) come first: its
+    // `python3` is the runtime's plus the app's packages.
+    let mut out: Vec<String> = path
+        .split(':')
+        .filter(|e| !e.is_empty() && Path::new(e).starts_with(app_dir))
+        .map(str::to_owned)
         .collect();
+    for p in &conf.path_prefix {
+        let p = p.display().to_string();
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
     for entry in path.split(':') {
         if !entry.is_empty() && visible(Path::new(entry)) && !out.iter().any(|o| o == entry) {
             out.push(entry.to_owned());
@@ -1033,7 +1041,7 @@ mod tests {
             Path::new("/app/v1"),
             "/root/.cargo/bin:/root/.pyenv/shims:/usr/local/bin:/usr/bin:/bin:/app/v1/bin:/usr/bin",
         );
-        assert_eq!(p, "/opt/py/bin:/usr/local/bin:/usr/bin:/bin:/app/v1/bin");
+        assert_eq!(p, "/app/v1/bin:/opt/py/bin:/usr/local/bin:/usr/bin:/bin");
     }
 
     #[test]

@@ -74,6 +74,13 @@ impl Drop for PgGuard {
     }
 }
 
+impl PgGuard {
+    /// URL of a superuser of the server (to provision app databases).
+    pub fn admin_url(&self) -> &str {
+        &self.admin_url
+    }
+}
+
 /// A store on a fresh PostgreSQL database.
 pub async fn postgres_store() -> (Store, PgGuard) {
     let guard = postgres_database().await;

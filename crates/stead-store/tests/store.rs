@@ -468,6 +468,7 @@ fn observed(id: &str, app: &str, state: InstanceState) -> ObservedInstance {
         pid: Some(42),
         started_at_ms: 5,
         exit: (state == InstanceState::Exited).then(|| "exit status 1".to_string()),
+        dbos_admin: false,
     }
 }
 

@@ -165,6 +165,9 @@ pub fn print_status(s: &AppStatus) {
             .unwrap_or_else(|| "none".into())
     );
     println!("scale:     min {} max {}", s.scale.min, s.scale.max);
+    if let Some(a) = &s.autoscale {
+        crate::scale::print_scale(a);
+    }
     if let Some(url) = &s.url {
         println!("url:       {url}");
     }

@@ -71,6 +71,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         &key,
         deadline,
         quiet,
+        false,
     )
     .await?;
     if !quiet {
@@ -268,6 +269,7 @@ where
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn upload(
     api: &Api,
     app: &str,
@@ -276,6 +278,7 @@ async fn upload(
     key: &str,
     deadline: Instant,
     quiet: bool,
+    hold: bool,
 ) -> anyhow::Result<DeployResponse> {
     let bar = if quiet {
         ProgressBar::hidden()

@@ -31,9 +31,21 @@ pub struct DevArgs {
     /// Do not write the CLI's credentials file.
     #[arg(long)]
     pub no_login: bool,
+    /// How long the router holds a request to an app without a ready
+    /// instance (scaled to zero, restarting) before it gets 503.
+    #[arg(long, default_value = "30s", value_parser = crate::scale::parse_duration)]
+    pub wake_timeout: std::time::Duration,
+    /// Where the agent serves Prometheus metrics (default: a free port on
+    /// 127.0.0.1, printed at start).
+    #[arg(long)]
+    pub agent_metrics_listen: Option<SocketAddr>,
     /// Sandbox backend of instances whose app names none: process or gvisor.
     #[arg(long, env = "STEAD_SANDBOX", default_value = "process", value_parser = crate::services::parse_backend)]
     pub sandbox: stead_sandbox::Backend,
+    /// Provision apps' databases on this PostgreSQL server (a URL of a role
+    /// that may create roles and databases) instead of SQLite files.
+    #[arg(long, env = "STEAD_APP_DATABASE_URL")]
+    pub app_database_url: Option<String>,
 }
 
 /// Reads a token kept in the data dir, or makes a new one with `create`
@@ -100,6 +112,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         stead_server::ServerConfig::new(database_url, args.api_listen, data_dir.join("server"));
     config.router_url = Some(router_url.clone());
     config.domain = args.domain.clone();
+    // SQLite app databases live in each app's data folder on the (only)
+    // agent, which the app's sandbox can write.
+    config.app_databases = match &args.app_database_url {
+        Some(url) => stead_server::AppDatabases::Postgres {
+            admin_url: url.clone(),
+        },
+        None => stead_server::AppDatabases::Sqlite {
+            dir: data_dir.join("agent").join("appdata"),
+        },
+    };
     std::fs::create_dir_all(&config.data_dir)?;
     let server = stead_server::Server::bind(config).await.map_err(|e| {
         anyhow!(
@@ -112,12 +134,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         vec![api_url.clone()],
         host_token.clone(),
     ));
-    let router = stead_router::Router::bind(
-        services::router_config(args.router_listen, args.domain.clone()),
-        source,
-    )
-    .await
-    .map_err(|e| anyhow!("could not start the router on {}: {e}", args.router_listen))?;
+    let mut router_config = services::router_config(args.router_listen, args.domain.clone());
+    router_config.wake_wait = args.wake_timeout;
+    let router = stead_router::Router::bind(router_config, source)
+        .await
+        .map_err(|e| anyhow!("could not start the router on {}: {e}", args.router_listen))?;
 
     let init = std::env::current_exe().context("finding the stead binary for the sandbox init")?;
     let mut agent_config = stead_agent::AgentConfig::new(
@@ -128,6 +149,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         init,
     );
     agent_config.stop_instances_on_exit = true;
+    // A free port unless one was given; printed below.
+    let agent_metrics = match args.agent_metrics_listen {
+        Some(a) => a,
+        None => std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free port for the agent's metrics")?,
+    };
+    agent_config.metrics_listen = Some(agent_metrics);
     agent_config.sandbox = args.sandbox;
 
     if !args.no_login {
@@ -157,6 +186,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         args.domain,
         args.router_listen.port()
     );
+    eprintln!("  metrics:       {router_url}/metrics (router), {api_url}/metrics (control plane), http://{agent_metrics}/metrics (agent)");
     eprintln!(
         "  token:         stored for the CLI in {}",
         credentials::path().display()

@@ -7,6 +7,7 @@ mod credentials;
 mod deploy;
 mod dev;
 mod durable;
+mod scale;
 mod services;
 
 use std::path::PathBuf;
@@ -66,6 +67,9 @@ enum Command {
     },
     /// Show an app's logs.
     Logs(commands::LogsArgs),
+    /// Set an app's instance bounds, autoscaling targets and traffic limits
+    /// (without options: show them with the autoscaler's current decision).
+    Scale(scale::ScaleArgs),
     /// An app's databases.
     Db {
         #[command(subcommand)]
@@ -143,6 +147,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Apps { command } => commands::apps(command).await,
         Command::Env { command } => commands::env(command).await,
         Command::Logs(args) => commands::logs(args).await,
+        Command::Scale(args) => scale::run(args).await,
         Command::Hosts { command } => commands::hosts(command).await,
         Command::Db { command } => durable::db(command).await,
         Command::Workflows { command } => durable::workflows(command).await,

@@ -25,6 +25,14 @@ pub struct ServerArgs {
     /// Domain apps are served under (`<app>.<domain>`).
     #[arg(long, default_value = "localhost")]
     pub domain: String,
+    /// Provision apps' databases on this PostgreSQL server (a URL of a role
+    /// that may create roles and databases).
+    #[arg(long, env = "STEAD_APP_DATABASE_URL")]
+    pub app_database_url: Option<String>,
+    /// Without --app-database-url: folder of the apps' SQLite databases
+    /// (it must be the agents' `<data dir>/appdata`, so single-machine only).
+    #[arg(long)]
+    pub app_database_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -50,6 +58,9 @@ pub struct AgentArgs {
     /// (gvisor needs `runsc`).
     #[arg(long, env = "STEAD_SANDBOX", default_value = "process", value_parser = parse_backend)]
     pub sandbox: stead_sandbox::Backend,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `--sandbox process|gvisor`.
@@ -69,6 +80,10 @@ pub struct RouterArgs {
     pub listen: SocketAddr,
     #[arg(long, default_value = "localhost")]
     pub domain: String,
+    /// How long a request to an app without a ready instance (scaled to
+    /// zero, restarting) is held before it gets 503.
+    #[arg(long, default_value = "30s", value_parser = crate::scale::parse_duration)]
+    pub wake_timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -114,6 +129,11 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let mut config = stead_server::ServerConfig::new(args.database, args.listen, args.data_dir);
     config.router_url = args.router_url;
     config.domain = args.domain;
+    if let Some(url) = args.app_database_url {
+        config.app_databases = stead_server::AppDatabases::Postgres { admin_url: url };
+    } else if let Some(dir) = args.app_database_dir {
+        config.app_databases = stead_server::AppDatabases::Sqlite { dir };
+    }
     let server = stead_server::Server::bind(config).await?;
     eprintln!("stead server listening on http://{}", server.local_addr());
     server.serve(shutdown_signal()).await?;
@@ -145,13 +165,15 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     config.advertise_ip = args.advertise_ip;
     config.builds = !args.no_builds;
     config.sandbox = args.sandbox;
+    config.metrics_listen = args.metrics_listen;
     stead_agent::run(config, shutdown_signal()).await?;
     Ok(())
 }
 
 pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
     let source = Arc::new(stead_router::ApiRouteSource::new(args.server, args.token));
-    let config = router_config(args.listen, args.domain);
+    let mut config = router_config(args.listen, args.domain);
+    config.wake_wait = args.wake_timeout;
     let router = stead_router::Router::bind(config, source).await?;
     eprintln!("stead router listening on http://{}", router.local_addr());
     router.serve(shutdown_signal()).await?;
@@ -163,7 +185,7 @@ pub fn router_config(listen: SocketAddr, domain: String) -> stead_router::Router
         listen,
         domain,
         refresh_interval: Duration::from_millis(500),
-        wake_wait: Duration::from_secs(5),
+        ..stead_router::RouterConfig::default()
     }
 }
 

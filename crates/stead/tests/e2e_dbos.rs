@@ -1,0 +1,561 @@
+//! Instances die, workflows do not: real DBOS applications (from the
+//! registries) deployed through `stead dev`, killed mid-step, redeployed
+//! mid-workflow, and run through platform crashes. Each app records every
+//! step *execution* in its data folder (`GET /executions`), so the tests can
+//! tell a step that ran again from one that did not.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{copy_example, tail, Dev};
+use serde_json::Value;
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+fn start_workflow(dev: &Dev, app: &str, steps: u32, step_seconds: f64) -> String {
+    start_gated(dev, app, steps, step_seconds, None)
+}
+
+/// A workflow whose step `gate.1` stays open until `open_gate(gate.0)`.
+fn start_gated(
+    dev: &Dev,
+    app: &str,
+    steps: u32,
+    step_seconds: f64,
+    gate: Option<(&str, u32)>,
+) -> String {
+    let mut url = format!(
+        "{}/apps/{app}/workflows/start?steps={steps}&step_seconds={step_seconds}",
+        dev.router()
+    );
+    if let Some((name, step)) = gate {
+        url.push_str(&format!("&gate={name}&gate_step={step}"));
+    }
+    let resp = http().post(&url).send().expect("start workflow");
+    assert!(
+        resp.status().is_success(),
+        "starting a workflow failed: {}",
+        resp.status()
+    );
+    let v: Value = resp.json().expect("json");
+    v["workflow_id"].as_str().expect("workflow_id").to_string()
+}
+
+fn open_gate(dev: &Dev, app: &str, name: &str) {
+    let resp = http()
+        .post(format!("{}/apps/{app}/gates/{name}", dev.router()))
+        .send()
+        .expect("gate");
+    assert!(
+        resp.status().is_success(),
+        "opening gate {name}: {}",
+        resp.status()
+    );
+}
+
+fn executions(dev: &Dev, app: &str) -> Vec<Value> {
+    match http()
+        .get(format!("{}/apps/{app}/executions", dev.router()))
+        .send()
+    {
+        Ok(r) if r.status().is_success() => r.json::<Vec<Value>>().unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+fn count(execs: &[Value], wf: &str, step: u64, event: &str) -> usize {
+    execs
+        .iter()
+        .filter(|e| {
+            e["workflow_id"] == wf && e["step"].as_u64() == Some(step) && e["event"] == event
+        })
+        .count()
+}
+
+fn wait_for<T>(what: &str, within: Duration, dev: &Dev, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; dev log:\n{}",
+            tail(&dev.log_text(), 80)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn workflow_status(dev: &Dev, app: &str, wf: &str) -> Option<String> {
+    let out = dev.run(&["workflows", "get", app, wf, "--json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["status"].as_str().map(str::to_string)
+}
+
+fn deploy_example(
+    dev: &Dev,
+    example: &str,
+    app: &str,
+    tmp: &std::path::Path,
+) -> std::path::PathBuf {
+    let dir = copy_example(example, tmp);
+    dev.ok(&[
+        "deploy",
+        dir.to_str().expect("path"),
+        "--app",
+        app,
+        "--timeout",
+        "900",
+    ]);
+    dir
+}
+
+/// Kills -9 the instance running `wf` while its step 2 runs; the workflow
+/// completes on the replacement, step 1 is not run again, and the event log
+/// shows the recovery of the dead executor.
+fn kill_mid_step(dev: &Dev, app: &str) {
+    let wf = start_workflow(dev, app, 4, 2.0);
+    let executor = wait_for("step 2 to start", Duration::from_secs(60), dev, || {
+        let ex = executions(dev, app);
+        ex.iter()
+            .find(|e| e["workflow_id"] == wf.as_str() && e["step"] == 2 && e["event"] == "start")
+            .and_then(|e| e["executor"].as_str().map(str::to_string))
+    });
+    let status = dev.json(&["apps", "status", app, "--json"]);
+    let victim = status["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|i| i["executor_id"] == executor.as_str())
+        .unwrap_or_else(|| panic!("no instance runs executor {executor}: {status}"))
+        .clone();
+    let pid = victim["pid"].as_u64().expect("pid");
+    let killed_at = Instant::now();
+    let ok = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let done = wait_for(
+        "the workflow to complete after the kill",
+        Duration::from_secs(120),
+        dev,
+        || workflow_status(dev, app, &wf).filter(|s| s == "SUCCESS"),
+    );
+    assert_eq!(done, "SUCCESS");
+    eprintln!(
+        "{app}: workflow {wf} completed {:?} after kill -9 of its instance",
+        killed_at.elapsed()
+    );
+    let ex = executions(dev, app);
+    assert_eq!(
+        count(&ex, &wf, 1, "start"),
+        1,
+        "step 1 had completed and must not run again: {ex:?}"
+    );
+    assert_eq!(count(&ex, &wf, 1, "end"), 1, "{ex:?}");
+    assert!(
+        count(&ex, &wf, 2, "start") >= 2,
+        "step 2 was interrupted and must run again: {ex:?}"
+    );
+    assert_eq!(count(&ex, &wf, 2, "end"), 1, "{ex:?}");
+    for step in [3, 4] {
+        assert_eq!(count(&ex, &wf, step, "start"), 1, "step {step}: {ex:?}");
+        assert_eq!(count(&ex, &wf, step, "end"), 1, "step {step}: {ex:?}");
+    }
+    let ev: Value = {
+        let client = http();
+        let resp = client
+            .get(format!("{}/v1/apps/{app}/events", dev.api()))
+            .bearer_auth(dev.token())
+            .send()
+            .expect("events");
+        resp.json().expect("json")
+    };
+    let recovery = ev
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| {
+            e["kind"] == "recovery"
+                && e["data"]["executors"]
+                    .as_array()
+                    .is_some_and(|x| x.iter().any(|x| x == executor.as_str()))
+        })
+        .unwrap_or_else(|| panic!("no recovery event for executor {executor}: {ev}"));
+    eprintln!("{app}: recovery event: {}", recovery["message"]);
+}
+
+/// Deploys a new version while a long workflow runs on the old one: new
+/// requests go to the new version at once, the old instance lives until the
+/// workflow finishes, then stops.
+fn deploy_during_workflow(dev: &Dev, app: &str, dir: &std::path::Path) {
+    // Step 2 stays open until the test has seen the deploy through.
+    let gate = format!("deploy-{}", std::process::id());
+    let wf = start_gated(dev, app, 3, 0.5, Some((&gate, 2)));
+    wait_for("step 1 to start", Duration::from_secs(60), dev, || {
+        (count(&executions(dev, app), &wf, 1, "start") > 0).then_some(())
+    });
+    let before = dev.json(&["apps", "status", app, "--json"]);
+    let old_version = before["active_version"].as_u64().expect("active");
+    // A changed bundle: a new file is enough for a new version.
+    std::fs::write(dir.join("CHANGED"), "v-next\n").expect("write");
+    dev.ok(&[
+        "deploy",
+        dir.to_str().expect("path"),
+        "--app",
+        app,
+        "--timeout",
+        "900",
+    ]);
+    let (status, version, _) = dev.get(app, "/healthz");
+    assert_eq!(status, 200);
+    assert_eq!(
+        version.as_deref(),
+        Some((old_version + 1).to_string().as_str()),
+        "new requests go to the new version"
+    );
+    // The old instance still runs (the workflow is not finished).
+    let mid = dev.json(&["apps", "status", app, "--json"]);
+    let old_live = mid["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .any(|i| i["version"].as_u64() == Some(old_version) && i["state"] != "exited");
+    assert!(
+        old_live,
+        "the old version must keep running while its workflow runs: {mid}"
+    );
+    assert_ne!(
+        workflow_status(dev, app, &wf).as_deref(),
+        Some("SUCCESS"),
+        "the test needs the workflow to outlive the deploy"
+    );
+    // The old instance is not stopped while it works, whatever the time.
+    std::thread::sleep(Duration::from_secs(3));
+    let still = dev.json(&["apps", "status", app, "--json"]);
+    assert!(
+        still["instances"]
+            .as_array()
+            .expect("i")
+            .iter()
+            .any(|i| i["version"].as_u64() == Some(old_version) && i["state"] == "ready"),
+        "the old version must not be stopped while its workflow runs: {still}"
+    );
+    // The gate file lives in the app's data folder: opening it through the
+    // new version reaches the old version's step.
+    open_gate(dev, app, &gate);
+    wait_for(
+        "the workflow to finish on the old version",
+        Duration::from_secs(120),
+        dev,
+        || workflow_status(dev, app, &wf).filter(|s| s == "SUCCESS"),
+    );
+    let ex = executions(dev, app);
+    let versions: Vec<&Value> = ex
+        .iter()
+        .filter(|e| e["workflow_id"] == wf.as_str())
+        .map(|e| &e["version"])
+        .collect();
+    assert!(
+        versions
+            .iter()
+            .all(|v| v.as_str() == Some(old_version.to_string().as_str())),
+        "every step ran on the old version: {ex:?}"
+    );
+    for step in 1..=3 {
+        assert_eq!(
+            count(&ex, &wf, step, "start"),
+            1,
+            "step {step} ran once: {ex:?}"
+        );
+    }
+    wait_for(
+        "the old instance to stop once drained",
+        Duration::from_secs(60),
+        dev,
+        || {
+            let s = dev.json(&["apps", "status", app, "--json"]);
+            let old = s["instances"]
+                .as_array()
+                .map(|a| {
+                    a.iter().any(|i| {
+                        i["version"].as_u64() == Some(old_version) && i["state"] != "exited"
+                    })
+                })
+                .unwrap_or(true);
+            (!old).then_some(())
+        },
+    );
+}
+
+/// SIGKILL of the whole platform (agent and control plane at once) while a
+/// workflow runs: the instance keeps running, the restarted platform adopts
+/// it, and the workflow completes with no step run twice.
+fn platform_crash_during_workflow(dev: &mut Dev, app: &str) {
+    let wf = start_workflow(dev, app, 3, 2.0);
+    wait_for("step 1 to start", Duration::from_secs(60), dev, || {
+        (count(&executions(dev, app), &wf, 1, "start") > 0).then_some(())
+    });
+    dev.crash();
+    dev.restart(&[]);
+    wait_for(
+        "the workflow to complete after the platform crash",
+        Duration::from_secs(120),
+        dev,
+        || workflow_status(dev, app, &wf).filter(|s| s == "SUCCESS"),
+    );
+    let ex = executions(dev, app);
+    for step in 1..=3 {
+        assert_eq!(
+            count(&ex, &wf, step, "start"),
+            1,
+            "step {step} ran once: {ex:?}"
+        );
+        assert_eq!(
+            count(&ex, &wf, step, "end"),
+            1,
+            "step {step} ended once: {ex:?}"
+        );
+    }
+}
+
+#[test]
+fn dbos_python_current_on_sqlite() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut dev = Dev::start(tmp.path());
+    let app = "wf-py3";
+    let dir = deploy_example(&dev, "dbos-python", app, tmp.path());
+    let db = dev.json(&["db", "status", app, "--json"]);
+    assert_eq!(db["kind"], "sqlite", "{db}");
+    kill_mid_step(&dev, app);
+    deploy_during_workflow(&dev, app, &dir);
+    platform_crash_during_workflow(&mut dev, app);
+}
+
+#[test]
+fn dbos_python_current_on_postgres() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = rt.block_on(stead_store::testing::postgres_database());
+    let tmp = tempfile::tempdir().expect("tmp");
+    let admin = pg.admin_url().to_string();
+    let mut dev = Dev::start_with_env(tmp.path(), &[("STEAD_APP_DATABASE_URL", admin.as_str())]);
+    let app = "wf-py3-pg";
+    let dir = deploy_example(&dev, "dbos-python", app, tmp.path());
+    let db = dev.json(&["db", "status", app, "--json"]);
+    assert_eq!(db["kind"], "postgres", "{db}");
+    assert!(
+        db["app_url"].as_str().unwrap_or("").contains("****"),
+        "passwords are masked: {db}"
+    );
+    kill_mid_step(&dev, app);
+    deploy_during_workflow(&dev, app, &dir);
+    platform_crash_during_workflow(&mut dev, app);
+}
+
+#[test]
+fn dbos_python_2_admin_endpoint() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut dev = Dev::start(tmp.path());
+    let app = "wf-py2";
+    let dir = deploy_example(&dev, "dbos-python2", app, tmp.path());
+    kill_mid_step(&dev, app);
+    deploy_during_workflow(&dev, app, &dir);
+    platform_crash_during_workflow(&mut dev, app);
+}
+
+#[test]
+fn workflow_management_through_the_cli() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dev = Dev::start(tmp.path());
+    let app = "wf-mgmt";
+    deploy_example(&dev, "dbos-python", app, tmp.path());
+    let wf = start_workflow(&dev, app, 3, 1.0);
+    wait_for(
+        "the workflow to finish",
+        Duration::from_secs(60),
+        &dev,
+        || workflow_status(&dev, app, &wf).filter(|s| s == "SUCCESS"),
+    );
+    let list = dev.json(&["workflows", "list", app, "--json"]);
+    assert!(
+        list.as_array()
+            .expect("list")
+            .iter()
+            .any(|w| w["id"] == wf.as_str()),
+        "{list}"
+    );
+    let steps = dev.json(&["workflows", "steps", app, &wf, "--json"]);
+    assert!(steps.as_array().map(Vec::len).unwrap_or(0) >= 3, "{steps}");
+    // Fork from step 3: steps 1 and 2 are not run again.
+    let out = dev.ok(&["workflows", "fork", app, &wf, "--step", "3"]);
+    let forked = out.trim().to_string();
+    assert!(!forked.is_empty());
+    wait_for("the fork to finish", Duration::from_secs(60), &dev, || {
+        workflow_status(&dev, app, &forked).filter(|s| s == "SUCCESS")
+    });
+    let ex = executions(&dev, app);
+    assert_eq!(count(&ex, &forked, 1, "start"), 0, "{ex:?}");
+    assert_eq!(count(&ex, &forked, 2, "start"), 0, "{ex:?}");
+    assert_eq!(count(&ex, &forked, 3, "start"), 1, "{ex:?}");
+    // Cancel a long one, then resume it.
+    let long = start_workflow(&dev, app, 5, 1.0);
+    wait_for("step 1", Duration::from_secs(60), &dev, || {
+        (count(&executions(&dev, app), &long, 1, "start") > 0).then_some(())
+    });
+    dev.ok(&["workflows", "cancel", app, &long]);
+    assert_eq!(
+        workflow_status(&dev, app, &long).as_deref(),
+        Some("CANCELLED")
+    );
+    dev.ok(&["workflows", "resume", app, &long]);
+    wait_for(
+        "the resumed workflow to finish",
+        Duration::from_secs(90),
+        &dev,
+        || workflow_status(&dev, app, &long).filter(|s| s == "SUCCESS"),
+    );
+    let mut by_step: HashMap<u64, usize> = HashMap::new();
+    for e in executions(&dev, app)
+        .iter()
+        .filter(|e| e["workflow_id"] == long.as_str() && e["event"] == "end")
+    {
+        *by_step.entry(e["step"].as_u64().unwrap_or(0)).or_default() += 1;
+    }
+    for step in 1..=5 {
+        assert_eq!(
+            by_step.get(&step),
+            Some(&1),
+            "step {step} completed exactly once: {by_step:?}"
+        );
+    }
+    // Unknown workflow: a clear error.
+    let out = dev.run(&["workflows", "get", app, "no-such-workflow"]);
+    assert!(!out.status.success());
+    assert!(
+        common::stderr(&out).contains("no-such-workflow"),
+        "{}",
+        common::stderr(&out)
+    );
+}
+
+/// A two-step rollout while a workflow runs on the old version: each step
+/// is promoted only once the previous is live and older instances drained;
+/// the platform is killed mid-rollout and the rollout finishes after the
+/// restart.
+#[test]
+fn rollout_waits_for_drain_and_survives_a_crash() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut dev = Dev::start(tmp.path());
+    let app = "wf-roll";
+    deploy_example(&dev, "dbos-python", app, tmp.path());
+    let gate = format!("rollout-{}", std::process::id());
+    let wf = start_gated(&dev, app, 3, 0.5, Some((&gate, 2)));
+    wait_for("step 1", Duration::from_secs(60), &dev, || {
+        (count(&executions(&dev, app), &wf, 1, "start") > 0).then_some(())
+    });
+    let mut steps = Vec::new();
+    for (i, marker) in ["step-a", "step-b"].iter().enumerate() {
+        let d = tmp.path().join(format!("roll-{i}"));
+        common::copy_dir(&common::repo_root().join("examples/dbos-python"), &d);
+        std::fs::write(d.join("CHANGED"), marker).expect("write");
+        steps.push(d);
+    }
+    let log = tmp.path().join("rollout.log");
+    let logf = std::fs::File::create(&log).expect("log");
+    let mut rollout = dev
+        .cli()
+        .args([
+            "rollout",
+            app,
+            steps[0].to_str().expect("p"),
+            steps[1].to_str().expect("p"),
+            "--timeout",
+            "900",
+        ])
+        .stdout(logf.try_clone().expect("log"))
+        .stderr(logf)
+        .spawn()
+        .expect("rollout");
+    // Step 1 (v2) becomes active, but v1 still drains its workflow: the
+    // rollout must wait there.
+    wait_for(
+        "the rollout to reach its first step",
+        Duration::from_secs(600),
+        &dev,
+        || {
+            let s = dev.json(&["apps", "status", app, "--json"]);
+            (s["rollout"]["state"] == "running" && s["active_version"] == 2).then_some(())
+        },
+    );
+    let s = dev.json(&["apps", "status", app, "--json"]);
+    assert_eq!(
+        s["rollout"]["step"], 0,
+        "must wait for v1 to drain before promoting v3: {s}"
+    );
+    assert!(
+        s["instances"]
+            .as_array()
+            .expect("i")
+            .iter()
+            .any(|i| i["version"] == 1 && i["state"] != "exited"),
+        "v1 still runs its workflow: {s}"
+    );
+    // Kill everything mid-rollout; the CLI following it fails, the rollout
+    // itself must not.
+    dev.crash();
+    let _ = rollout.wait();
+    dev.restart(&[]);
+    // Still waiting on v1's workflow after the restart.
+    let s = dev.json(&["apps", "status", app, "--json"]);
+    assert_eq!(s["rollout"]["state"], "running", "{s}");
+    assert_eq!(s["rollout"]["step"], 0, "{s}");
+    open_gate(&dev, app, &gate);
+    wait_for(
+        "the rollout to finish after the restart",
+        Duration::from_secs(300),
+        &dev,
+        || {
+            let s = dev.json(&["apps", "status", app, "--json"]);
+            (s["rollout"]["state"] == "done").then_some(s)
+        },
+    );
+    let s = dev.json(&["apps", "status", app, "--json"]);
+    assert_eq!(s["active_version"], 3, "{s}");
+    assert_eq!(workflow_status(&dev, app, &wf).as_deref(), Some("SUCCESS"));
+    let ex = executions(&dev, app);
+    for step in 1..=3 {
+        assert_eq!(count(&ex, &wf, step, "end"), 1, "step {step}: {ex:?}");
+    }
+    // v2 was promoted (activated) before v3.
+    let ev: Value = http()
+        .get(format!("{}/v1/apps/{app}/events", dev.api()))
+        .bearer_auth(dev.token())
+        .send()
+        .expect("events")
+        .json()
+        .expect("json");
+    let activated: Vec<u64> = ev
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "activated")
+        .filter_map(|e| e["data"]["version"].as_u64())
+        .collect();
+    assert_eq!(activated, vec![1, 2, 3], "{ev}");
+    eprintln!(
+        "rollout log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
