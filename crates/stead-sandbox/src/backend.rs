@@ -79,6 +79,14 @@ impl Sandboxes {
         &self.confinement
     }
 
+    /// Uses `net` (egress address pool, denied destinations) for egress
+    /// instances of every backend.
+    pub fn with_net_config(mut self, net: crate::netconf::NetConfig) -> Self {
+        self.process = self.process.with_net_config(net.clone());
+        self.gvisor = self.gvisor.map(|g| g.with_net_config(net));
+        self
+    }
+
     /// Backends this host can run, for its registration.
     pub fn backends(&self) -> Vec<Backend> {
         let mut v = vec![Backend::Process];

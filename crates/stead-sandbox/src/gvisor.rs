@@ -85,6 +85,12 @@ impl GvisorSandbox {
         })
     }
 
+    /// See [`ProcessSandbox::with_net_config`].
+    pub fn with_net_config(mut self, net: crate::netconf::NetConfig) -> Self {
+        self.process = self.process.with_net_config(net);
+        self
+    }
+
     pub fn runsc(&self) -> &Path {
         &self.runsc
     }

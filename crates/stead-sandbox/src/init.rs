@@ -66,6 +66,10 @@ pub(crate) struct InitConfig {
     /// Pivot into a root of its own and run as an unprivileged user.
     #[serde(default)]
     pub confine: Option<InitConfine>,
+    /// Egress: the descriptor on which the agent sends `eth0`'s address and
+    /// gateway (8 bytes) once it has moved `eth0` into the namespace.
+    #[serde(default)]
+    pub net_fd: Option<RawFd>,
 }
 
 /// The confinement the agent planned (the init executes, never decides).
@@ -255,6 +259,17 @@ fn prepare_outer(config: OwnedFd, status: &OwnedFd) -> Result<(InitConfig, SigSe
     if cfg.loopback_up {
         bring_up_loopback()?;
     }
+    if let Some(fd) = cfg.net_fd {
+        // SAFETY: the agent passed this descriptor for us alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut buf = [0u8; 8];
+        let mut file = File::from(fd);
+        file.read_exact(&mut buf)
+            .ctx("waiting for the agent to set up the instance's network")?;
+        let inside = std::net::Ipv4Addr::new(buf[0], buf[1], buf[2], buf[3]);
+        let gateway = std::net::Ipv4Addr::new(buf[4], buf[5], buf[6], buf[7]);
+        configure_eth0(inside, gateway)?;
+    }
     if let Some(c) = &cfg.confine {
         confine::apply(&c.ops, &mut confine::LinuxMounts)
             .map_err(|(step, source)| InitError { step, source })?;
@@ -425,6 +440,103 @@ fn become_app_user(sync: &Pid1Sync) -> Result<(), InitError> {
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error()).ctx("prctl(PR_SET_DUMPABLE, 0)");
+    }
+    Ok(())
+}
+
+fn sockaddr(ip: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; plain data.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// `struct rtentry` of <linux/route.h> (not in the libc crate for glibc).
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+/// `ip addr add <inside>/30 dev eth0; ip link set eth0 up; ip route add
+/// default via <gateway>`, as ioctls.
+fn configure_eth0(
+    inside: std::net::Ipv4Addr,
+    gateway: std::net::Ipv4Addr,
+) -> Result<(), InitError> {
+    const SIOCSIFADDR: libc::c_ulong = 0x8916;
+    const SIOCSIFNETMASK: libc::c_ulong = 0x891c;
+    const SIOCADDRT: libc::c_ulong = 0x890b;
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).ctx("socket(AF_INET) to configure eth0");
+    }
+    // SAFETY: fd was just returned by socket(2) and is ours.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"eth0\0") {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_addr = sockaddr(inside);
+    // SAFETY: the ioctls read the ifreq we pass.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFADDR as _, &req) } < 0 {
+        return Err(io::Error::last_os_error()).ctx(format!("setting eth0's address to {inside}"));
+    }
+    req.ifr_ifru.ifru_netmask = sockaddr(std::net::Ipv4Addr::new(255, 255, 255, 252));
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFNETMASK as _, &req) } < 0 {
+        return Err(io::Error::last_os_error()).ctx("setting eth0's netmask");
+    }
+    // SAFETY: as above; SIOCGIFFLAGS fills the flags.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
+        return Err(io::Error::last_os_error()).ctx("ioctl(SIOCGIFFLAGS, eth0)");
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
+        return Err(io::Error::last_os_error()).ctx("ioctl(SIOCSIFFLAGS, eth0 up)");
+    }
+    let route = RtEntry {
+        rt_pad1: 0,
+        rt_dst: sockaddr(std::net::Ipv4Addr::UNSPECIFIED),
+        rt_gateway: sockaddr(gateway),
+        rt_genmask: sockaddr(std::net::Ipv4Addr::UNSPECIFIED),
+        rt_flags: 0x1 | 0x2, // RTF_UP | RTF_GATEWAY
+        rt_pad2: 0,
+        rt_pad3: 0,
+        rt_pad4: std::ptr::null_mut(),
+        rt_metric: 0,
+        rt_dev: std::ptr::null_mut(),
+        rt_mtu: 0,
+        rt_window: 0,
+        rt_irtt: 0,
+    };
+    // SAFETY: SIOCADDRT reads the rtentry we pass.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCADDRT as _, &route) } < 0 {
+        return Err(io::Error::last_os_error())
+            .ctx(format!("adding the default route via {gateway}"));
     }
     Ok(())
 }
@@ -821,6 +933,7 @@ mod tests {
             env: BTreeMap::from([("A".into(), "b".into())]),
             loopback_up: false,
             confine: None,
+            net_fd: None,
         };
         let e = prepare_exec(&cfg)
             .ok()

@@ -59,6 +59,7 @@ mod error;
 mod exit;
 mod gvisor;
 mod init;
+pub mod netconf;
 mod netns;
 mod process;
 mod spec;
@@ -72,6 +73,7 @@ pub use error::SandboxError;
 pub use exit::{signal_name, ExitInfo};
 pub use gvisor::{find_runsc, GvisorSandbox};
 pub use init::{init_main, EXIT_EXEC_FAILED, EXIT_SETUP_FAILED, INIT_SUBCOMMAND};
+pub use netconf::{Ipv4Net, NetConfig};
 pub use process::{Persisted, ProcessSandbox, SandboxProcess, DEFAULT_STAGING_DIR};
 pub use spec::{
     Backend, NetworkMode, Output, SandboxSpec, DEFAULT_MEMORY_MB, DEFAULT_PATH, DEFAULT_PIDS_MAX,

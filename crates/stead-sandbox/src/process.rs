@@ -23,6 +23,7 @@ use crate::confine::{self, RealHostFs};
 use crate::error::SandboxError;
 use crate::exit::ExitInfo;
 use crate::init::{InitConfig, InitConfine, INIT_SUBCOMMAND};
+use crate::netconf::{self, NetConfig};
 use crate::spec::{Backend, NetworkMode, Output, SandboxSpec};
 use crate::{netns, sys};
 
@@ -41,6 +42,10 @@ pub struct ProcessSandbox {
     /// Empty directory every confined sandbox mounts its new root on, each
     /// in its own mount namespace (so one serves them all).
     staging: PathBuf,
+    /// Egress settings, and whether their ruleset is installed yet (on the
+    /// first egress sandbox).
+    net: NetConfig,
+    net_installed: std::sync::Mutex<bool>,
 }
 
 /// Where confined sandboxes build their root (see `ProcessSandbox::staging`).
@@ -87,6 +92,8 @@ pub struct SandboxProcess {
     backend: Backend,
     /// The sandbox's network namespace, for `connect`.
     netns: Netns,
+    /// Egress sandboxes started by this agent: their veth's addresses.
+    link: Option<netconf::Link>,
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
     exit: watch::Receiver<Option<ExitInfo>>,
@@ -254,7 +261,32 @@ impl ProcessSandbox {
             init_exe,
             cgroups,
             staging,
+            net: NetConfig::default(),
+            net_installed: std::sync::Mutex::new(false),
         })
+    }
+
+    /// Uses `net` for egress sandboxes (pool, denied destinations) instead
+    /// of [`NetConfig::default`].
+    pub fn with_net_config(mut self, net: NetConfig) -> Self {
+        self.net = net;
+        self
+    }
+
+    pub fn net_config(&self) -> &NetConfig {
+        &self.net
+    }
+
+    /// Installs the egress ruleset once per agent process (it is the same
+    /// for every instance).
+    fn ensure_egress_rules(&self, id: &str) -> Result<(), SandboxError> {
+        let mut done = self.net_installed.lock().unwrap_or_else(|p| p.into_inner());
+        if !*done {
+            netconf::install(&self.net)
+                .map_err(syscall_err(id, "installing the egress ruleset (nft)"))?;
+            *done = true;
+        }
+        Ok(())
     }
 
     pub fn cgroup_version(&self) -> CgroupVersion {
@@ -319,14 +351,24 @@ impl ProcessSandbox {
                 rlimits: c.rlimits.clone(),
             }
         });
+        let net = if spec.network == NetworkMode::Egress {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(io::Error::from)
+                .and_then(|(r, w)| Ok((sys::above_stdio(r)?, w)))
+                .map_err(syscall_err(&id, "pipe2 (network setup)"))?;
+            Some((r, w))
+        } else {
+            None
+        };
         let config = InitConfig {
             id: id.clone(),
             hostname: spec.hostname(),
             cwd: spec.cwd.clone(),
             command: spec.command.clone(),
             env,
-            loopback_up: spec.network == NetworkMode::Isolated,
+            loopback_up: spec.network.has_netns(),
             confine,
+            net_fd: net.as_ref().map(|(r, _)| r.as_raw_fd()),
         };
         let json = serde_json::to_vec(&config)
             .map_err(io::Error::other)
@@ -350,6 +392,7 @@ impl ProcessSandbox {
             status_w,
             stdout,
             stderr,
+            net,
         };
         match self.start(&spec, &cgroup, io).await {
             Ok(p) => {
@@ -380,10 +423,17 @@ impl ProcessSandbox {
         let id = spec.id.as_str();
         let join = cgroup.open_procs_for_join(id)?;
         let join_fds: Vec<RawFd> = join.iter().map(AsRawFd::as_raw_fd).collect();
-        let keep = [io.config_fd.as_raw_fd(), io.status_w.as_raw_fd()];
+        let mut keep = vec![io.config_fd.as_raw_fd(), io.status_w.as_raw_fd()];
+        let (net_r, net_w) = match io.net {
+            Some((r, w)) => (Some(r), Some(w)),
+            None => (None, None),
+        };
+        if let Some(r) = &net_r {
+            keep.push(r.as_raw_fd());
+        }
         let mut flags =
             libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
-        if spec.network == NetworkMode::Isolated {
+        if spec.network.has_netns() {
             flags |= libc::CLONE_NEWNET;
         }
         let mut cmd = tokio::process::Command::new(&self.init_exe);
@@ -408,16 +458,17 @@ impl ProcessSandbox {
         drop(join);
         drop(io.config_fd);
         drop(io.status_w);
+        drop(net_r);
         let mut child = spawned.map_err(|source| SandboxError::Spawn {
             id: id.to_owned(),
             init_exe: self.init_exe.clone(),
             source,
         })?;
         match self
-            .finish_start(spec, cgroup, &mut child, io.status_r)
+            .finish_start(spec, cgroup, &mut child, io.status_r, net_w)
             .await
         {
-            Ok((pid, pidfd, start_time, netns)) => {
+            Ok((pid, pidfd, start_time, netns, link)) => {
                 let (tx, exit) = watch::channel(None);
                 let stdout = child.stdout.take();
                 let stderr = child.stderr.take();
@@ -446,6 +497,7 @@ impl ProcessSandbox {
                     network: spec.network,
                     backend: spec.backend,
                     netns,
+                    link,
                     stdout,
                     stderr,
                     exit,
@@ -468,12 +520,32 @@ impl ProcessSandbox {
         _cgroup: &CgroupPaths,
         child: &mut Child,
         status_r: OwnedFd,
-    ) -> Result<(u32, OwnedFd, u64, Netns), SandboxError> {
+        net_w: Option<OwnedFd>,
+    ) -> Result<(u32, OwnedFd, u64, Netns, Option<netconf::Link>), SandboxError> {
         let id = spec.id.as_str();
         let pid = child.id().ok_or_else(|| SandboxError::Setup {
             id: id.to_owned(),
             message: "the sandbox init exited before it could be watched".into(),
         })?;
+        let mut egress = None;
+        if let Some(net_w) = net_w {
+            // The init waits for eth0's addresses before it goes on: the
+            // app starts with its network up.
+            self.ensure_egress_rules(id)?;
+            let cfg = self.net.clone();
+            let link = tokio::task::spawn_blocking(move || netconf::create_link(&cfg, pid))
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|r| r)
+                .map_err(syscall_err(id, "creating the instance's veth pair (ip)"))?;
+            let mut msg = [0u8; 8];
+            msg[..4].copy_from_slice(&link.inside.octets());
+            msg[4..].copy_from_slice(&link.host.octets());
+            std::io::Write::write_all(&mut File::from(net_w), &msg)
+                .map_err(syscall_err(id, "sending the network to the init"))?;
+            tracing::debug!(sandbox = id, slot = link.slot, inside = %link.inside, "egress link up");
+            egress = Some(link);
+        }
         // Our child is not reaped until we wait for it, so this is the right
         // process.
         let pidfd = sys::pidfd_open(pid).map_err(syscall_err(id, "pidfd_open"))?;
@@ -481,7 +553,7 @@ impl ProcessSandbox {
         // gone (a zombie has no namespaces left to open).
         let netns = match spec.network {
             NetworkMode::Host => Netns::Host,
-            NetworkMode::Isolated => {
+            NetworkMode::Isolated | NetworkMode::Egress => {
                 let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
                 match File::open(&path) {
                     Ok(f) => Netns::Isolated(Some(Arc::new(OwnedFd::from(f)))),
@@ -509,7 +581,7 @@ impl ProcessSandbox {
         let start_time = sys::read_stat(pid)
             .map_err(io_err(id, "reading", &stat_path))?
             .start_time;
-        Ok((pid, pidfd, start_time, netns))
+        Ok((pid, pidfd, start_time, netns, egress))
     }
 
     /// Re-attaches to a sandbox started by an earlier run of the agent (which
@@ -551,7 +623,7 @@ impl ProcessSandbox {
         }
         let netns = match persisted.network {
             NetworkMode::Host => Netns::Host,
-            NetworkMode::Isolated => {
+            NetworkMode::Isolated | NetworkMode::Egress => {
                 let path = PathBuf::from(format!("/proc/{}/ns/net", persisted.pid));
                 match File::open(&path) {
                     Ok(f) => Netns::Isolated(Some(Arc::new(OwnedFd::from(f)))),
@@ -603,6 +675,7 @@ impl ProcessSandbox {
             network: persisted.network,
             backend: persisted.backend,
             netns,
+            link: None,
             stdout: None,
             stderr: None,
             exit,
@@ -617,6 +690,8 @@ struct StartIo {
     status_w: OwnedFd,
     stdout: Stdio,
     stderr: Stdio,
+    /// Egress: the pipe on which the init gets eth0's addresses.
+    net: Option<(OwnedFd, OwnedFd)>,
 }
 
 impl SandboxProcess {
@@ -631,6 +706,12 @@ impl SandboxProcess {
 
     pub fn cgroup(&self) -> &CgroupPaths {
         &self.cgroup
+    }
+
+    /// The veth pair of an egress sandbox this agent started (`None` for
+    /// others, and after adoption).
+    pub fn egress_link(&self) -> Option<netconf::Link> {
+        self.link
     }
 
     /// The backend running it.

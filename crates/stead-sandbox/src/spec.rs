@@ -48,6 +48,17 @@ pub enum NetworkMode {
     Isolated,
     /// The host's network: for builds that download packages.
     Host,
+    /// Like `Isolated`, plus a veth pair to the host through which the app
+    /// reaches the outside world, and only that (see
+    /// [`crate::netconf`]): for apps whose config asks for egress.
+    Egress,
+}
+
+impl NetworkMode {
+    /// A network namespace of its own (all but `Host`).
+    pub fn has_netns(self) -> bool {
+        self != NetworkMode::Host
+    }
 }
 
 /// Which sandbox backend runs an instance.
@@ -183,6 +194,11 @@ impl SandboxSpec {
         if self.cpu_millis == Some(0) {
             return Err(self.invalid("cpu_millis 0 would never let the command run"));
         }
+        if self.confine.is_some() && self.cwd.parent().is_none() {
+            // The cwd (the app's folder) is bound into a confined sandbox:
+            // `/` would be the host's whole tree.
+            return Err(self.invalid("a confined sandbox's cwd (its app folder) cannot be /"));
+        }
         if self.confine.is_some() && self.network == NetworkMode::Host {
             return Err(self.invalid("a confined sandbox cannot share the host's network"));
         }
@@ -308,6 +324,10 @@ mod tests {
         assert!(bad(&|s| s.memory_mb = u64::MAX));
         assert!(bad(&|s| s.pids_max = 2));
         assert!(bad(&|s| s.stdout = Output::File("out.log".into())));
+        assert!(bad(&|s| {
+            s.cwd = "/".into();
+            s.confine = Some(Confinement::default());
+        }));
         let e = SandboxSpec::new("a/b", "/", "true")
             .validate()
             .unwrap_err()

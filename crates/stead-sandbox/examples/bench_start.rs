@@ -1,0 +1,300 @@
+//! Benchmark (not a test): start-to-ready time of the example Rust app
+//! (examples/hello-rust) run directly and in each sandbox backend, median
+//! of 20 starts each, in one run; and the memory the platform adds per
+//! idle process-backend instance.
+//!
+//! `scripts/bench` runs it: `cargo run --release -p stead-sandbox --example
+//! bench_start`. Root, cgroups, cargo (to build the example) and, for the
+//! gvisor rows, runsc are needed.
+//!
+//! "Ready" is what the agent waits for: a connection to the app's port
+//! (inside the sandbox's network namespace for sandboxes) answering
+//! `GET /healthz` with 200, polled every 200 µs. The binary is its own
+//! sandbox init (it calls `init_main` for `__sandbox-init`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use stead_sandbox::{Backend, Output, SandboxProcess, SandboxSpec, Sandboxes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const STARTS: usize = 20;
+const IDLE_INSTANCES: usize = 20;
+const PORT: u16 = 8000;
+
+fn main() {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == stead_sandbox::INIT_SUBCOMMAND)
+    {
+        stead_sandbox::init_main();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if let Err(e) = rt.block_on(run()) {
+        eprintln!("bench_start: {e}");
+        std::process::exit(1);
+    }
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Builds the example app (release) in a copy under `dir`; returns the app
+/// folder and its binary.
+fn build_example(dir: &Path) -> Res<(PathBuf, PathBuf)> {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello-rust");
+    let app = dir.join("hello-rust");
+    copy(&src, &app)?;
+    let status = std::process::Command::new("cargo")
+        .args(["build", "--release", "--offline", "--quiet"])
+        .current_dir(&app)
+        .env_remove("CARGO_TARGET_DIR")
+        .status()?;
+    if !status.success() {
+        return Err("building examples/hello-rust failed".into());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for d in [dir, app.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let bin = app.join("target/release/hello");
+    Ok((app, bin))
+}
+
+fn copy(src: &Path, dst: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        if e.file_name() == "target" {
+            continue;
+        }
+        if e.file_type()?.is_dir() {
+            copy(&e.path(), &dst.join(e.file_name()))?;
+        } else {
+            std::fs::copy(e.path(), dst.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// One health check like the agent's: `GET /healthz` answered 200.
+async fn healthy(conn: std::io::Result<TcpStream>) -> bool {
+    let Ok(mut c) = conn else { return false };
+    if c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    let mut n = 0;
+    while n < 12 {
+        match c.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(m) => n += m,
+        }
+    }
+    buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200")
+}
+
+async fn wait_ready<F, Fut>(mut probe: F) -> Res<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<TcpStream>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if healthy(probe().await).await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Err("not ready within 20 s".into())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn direct(bin: &Path, app: &Path) -> Res<Duration> {
+    let t = Instant::now();
+    let mut child = tokio::process::Command::new(bin)
+        .current_dir(app)
+        .env("PORT", PORT.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    wait_ready(|| TcpStream::connect(("127.0.0.1", PORT))).await?;
+    let d = t.elapsed();
+    child.kill().await?;
+    Ok(d)
+}
+
+fn spec(sb: &Sandboxes, backend: Backend, n: usize, app: &Path) -> SandboxSpec {
+    let mut s = SandboxSpec {
+        stdout: Output::Null,
+        stderr: Output::Null,
+        memory_mb: 128,
+        pids_max: 512,
+        cpu_millis: Some(1000),
+        confine: Some(sb.confinement().clone()),
+        backend,
+        ..SandboxSpec::new(
+            format!("bench-{}-{n}-{}", backend, std::process::id()),
+            app,
+            "./target/release/hello",
+        )
+    };
+    s.env.insert("PORT".into(), PORT.to_string());
+    s
+}
+
+async fn sandboxed(sb: &Sandboxes, backend: Backend, n: usize, app: &Path) -> Res<Duration> {
+    let t = Instant::now();
+    let p = sb.spawn(spec(sb, backend, n, app)).await?;
+    let r = wait_ready(|| p.connect(PORT)).await;
+    let d = t.elapsed();
+    p.stop(Duration::from_secs(2)).await;
+    r.map(|()| d)
+}
+
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Proportional set size of a process, KiB.
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+async fn settle() -> u64 {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mem_available_kib()
+}
+
+async fn run() -> Res<()> {
+    let tmp = std::env::temp_dir().join(format!("stead-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let (app, bin) = build_example(&tmp)?;
+    let exe = std::env::current_exe()?;
+    let sb = Sandboxes::new(exe, Backend::Process)?;
+    let backends = sb.backends();
+    println!(
+        "start-to-ready of examples/hello-rust (GET /healthz = 200), median of {STARTS} starts"
+    );
+    let mut rows: Vec<(String, Duration)> = Vec::new();
+    let mut d = Vec::new();
+    for _ in 0..STARTS {
+        d.push(direct(&bin, &app).await?);
+    }
+    let direct_median = median(d);
+    rows.push(("direct (no sandbox)".into(), direct_median));
+    for backend in [Backend::Process, Backend::Gvisor] {
+        if !backends.contains(&backend) {
+            println!("{backend}: not available on this host (runsc missing)");
+            continue;
+        }
+        // One warm-up start (page cache, runsc's first run).
+        sandboxed(&sb, backend, 999, &app).await?;
+        let mut d = Vec::new();
+        for n in 0..STARTS {
+            d.push(sandboxed(&sb, backend, n, &app).await?);
+        }
+        rows.push((format!("{backend} backend"), median(d)));
+    }
+    println!("| how | median start-to-ready | overhead vs direct |");
+    println!("|---|---|---|");
+    for (name, m) in &rows {
+        println!(
+            "| {name} | {} | {} |",
+            ms(*m),
+            ms(m.saturating_sub(direct_median))
+        );
+    }
+
+    // Memory per idle instance: MemAvailable with N idle apps run directly
+    // vs N idle apps in process sandboxes, and the sandbox inits' PSS.
+    let base = settle().await;
+    let mut kids = Vec::new();
+    for n in 0..IDLE_INSTANCES {
+        let port = 9000 + n as u16;
+        let c = tokio::process::Command::new(&bin)
+            .current_dir(&app)
+            .env("PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        kids.push(c);
+        wait_ready(|| TcpStream::connect(("127.0.0.1", port))).await?;
+    }
+    let with_direct = settle().await;
+    drop(kids);
+    let base2 = settle().await;
+    let mut procs: Vec<SandboxProcess> = Vec::new();
+    for n in 0..IDLE_INSTANCES {
+        let p = sb.spawn(spec(&sb, Backend::Process, 100 + n, &app)).await?;
+        wait_ready(|| p.connect(PORT)).await?;
+        procs.push(p);
+    }
+    let with_sandboxes = settle().await;
+    let mut init_pss = 0;
+    for p in &procs {
+        init_pss += pss_kib(p.pid());
+        for c in children_of(p.pid()) {
+            init_pss += pss_kib(c); // pid 1 of the sandbox
+        }
+    }
+    let per_direct = base.saturating_sub(with_direct) as f64 / IDLE_INSTANCES as f64;
+    let per_sandboxed = base2.saturating_sub(with_sandboxes) as f64 / IDLE_INSTANCES as f64;
+    println!();
+    println!("memory per idle instance ({IDLE_INSTANCES} instances, MemAvailable deltas):");
+    println!("| | KiB per instance |");
+    println!("|---|---|");
+    println!("| app run directly | {per_direct:.0} |");
+    println!("| app in a process sandbox | {per_sandboxed:.0} |");
+    println!(
+        "| platform overhead (difference) | {:.0} |",
+        per_sandboxed - per_direct
+    );
+    println!(
+        "| of which the sandbox's two init processes (PSS) | {:.0} |",
+        init_pss as f64 / IDLE_INSTANCES as f64
+    );
+    for p in &procs {
+        p.stop(Duration::from_secs(2)).await;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
