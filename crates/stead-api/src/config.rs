@@ -68,7 +68,19 @@ pub struct AppConfig {
     /// `[run] max_body`); defaults for configs stored before they existed.
     #[serde(default)]
     pub scaling: ScalingConfig,
+    /// `[run] sandbox`: the sandbox backend its instances need, `process`
+    /// or `gvisor`; `None`: the host's default. Placement only puts the
+    /// app on hosts that have it.
+    #[serde(default)]
+    pub sandbox: Option<String>,
+    /// `[run] egress`: instances may open connections to the outside world
+    /// (never to the platform, the host or other apps). Off by default.
+    #[serde(default)]
+    pub egress: bool,
 }
+
+/// Sandbox backends an app may ask for (`[run] sandbox`).
+pub const SANDBOX_BACKENDS: &[&str] = &["process", "gvisor"];
 
 fn default_health_timeout() -> u32 {
     DEFAULT_HEALTH_TIMEOUT_S
@@ -129,6 +141,10 @@ struct RunSection {
     health_timeout: Option<u32>,
     /// Largest request body the router lets through (bytes, or "10MB").
     max_body: Option<SizeValue>,
+    /// Sandbox backend: "process" or "gvisor" (default: the host's).
+    sandbox: Option<String>,
+    /// Let instances reach the outside world (default false).
+    egress: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,6 +302,8 @@ impl AppConfig {
                     file: STEAD_TOML,
                     message,
                 })?,
+            sandbox: raw.run.sandbox,
+            egress: raw.run.egress.unwrap_or(false),
         };
         cfg.validate(STEAD_TOML)?;
         Ok(cfg)
@@ -336,6 +354,8 @@ impl AppConfig {
             recovery: default_recovery(),
             admin_port: 3001,
             scaling: ScalingConfig::default(),
+            sandbox: None,
+            egress: false,
         };
         cfg.validate(DBOS_CONFIG)?;
         Ok(cfg)
@@ -344,6 +364,14 @@ impl AppConfig {
     fn validate(&self, file: &'static str) -> Result<(), ConfigError> {
         let invalid = |message: String| ConfigError::Invalid { file, message };
         validate_app_name(&self.name).map_err(invalid)?;
+        if let Some(b) = &self.sandbox {
+            if !SANDBOX_BACKENDS.contains(&b.as_str()) {
+                return Err(invalid(format!(
+                    "`run.sandbox` must be one of {}, got {b:?}",
+                    SANDBOX_BACKENDS.join(", ")
+                )));
+            }
+        }
         if self.start.trim().is_empty() {
             return Err(invalid(
                 "`run.start` is empty; set the command that starts the app".into(),
@@ -453,6 +481,29 @@ migrate = ["python3 migrate.py"]
         assert_eq!((c.min, c.max), (1, 4));
         assert_eq!(c.memory_mb, 256);
         assert_eq!(c.migrate, vec!["python3 migrate.py"]);
+    }
+
+    #[test]
+    fn sandbox_and_egress_are_read_and_checked() {
+        let c = AppConfig::from_stead_toml(
+            "name = \"abc\"\n[run]\nstart = \"x\"\nsandbox = \"gvisor\"\negress = true\n",
+        )
+        .unwrap();
+        assert_eq!((c.sandbox.as_deref(), c.egress), (Some("gvisor"), true));
+        let c = AppConfig::from_stead_toml("name = \"abc\"\n[run]\nstart = \"x\"\n").unwrap();
+        assert_eq!((c.sandbox.as_deref(), c.egress), (None, false));
+        let e = AppConfig::from_stead_toml(
+            "name = \"abc\"\n[run]\nstart = \"x\"\nsandbox = \"docker\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("run.sandbox") && e.contains("gvisor"), "{e}");
+        // Configs stored before the fields existed still load.
+        let mut v = serde_json::to_value(&c).unwrap();
+        v.as_object_mut().unwrap().remove("sandbox");
+        v.as_object_mut().unwrap().remove("egress");
+        let back: AppConfig = serde_json::from_value(v).unwrap();
+        assert_eq!((back.sandbox, back.egress), (None, false));
     }
 
     #[test]
