@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use stead_api::{InstanceState, IntendedApp, ObservedInstance, RunSpec};
-use stead_sandbox::{NetworkMode, Output, Persisted, SandboxProcess, SandboxSpec};
+use stead_sandbox::{Backend, NetworkMode, Output, Persisted, SandboxProcess, SandboxSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -234,6 +234,7 @@ async fn launch(
     env.insert("DBOS__APPID".into(), spec.app_id.clone());
     env.insert("DBOS_APP_NAME".into(), spec.app.clone());
     env.insert("HOME".into(), app_dir.display().to_string());
+    let choice = sandbox_choice(&app_dir, shared.sandbox.default_backend());
     let sandbox_spec = SandboxSpec {
         id: id.to_string(),
         cwd: app_dir,
@@ -246,7 +247,7 @@ async fn launch(
         pids_max: (spec.run.memory_mb.saturating_mul(4)).clamp(256, PIDS_MAX),
         stdout: Output::File(dir.join("stdout.log")),
         stderr: Output::File(dir.join("stderr.log")),
-        network: NetworkMode::Isolated,
+        network: choice.1,
         // One CPU's worth per instance until apps can set their own: a
         // spinning instance cannot starve the others.
         cpu_millis: Some(1000),
@@ -255,7 +256,7 @@ async fn launch(
             data_dir: Some(data_dir.clone()),
             ..shared.sandbox.confinement().clone()
         }),
-        backend: shared.sandbox.default_backend(),
+        backend: choice.0,
     };
     let process = shared
         .sandbox
@@ -276,6 +277,30 @@ async fn launch(
     write_record(&dir, &record).map_err(|e| format!("recording the instance: {e}"))?;
     attach(shared, record, process).await;
     Ok(())
+}
+
+/// The backend and network of the version being started: its config's
+/// `[run] sandbox` (else the host's default) and `[run] egress`, read from
+/// the config file in its build, where the intended state does not carry
+/// them.
+fn sandbox_choice(app_dir: &Path, default: Backend) -> (Backend, NetworkMode) {
+    let read = |f: &str| std::fs::read_to_string(app_dir.join(f)).ok();
+    let cfg = stead_api::AppConfig::from_files(
+        read(stead_api::config::STEAD_TOML).as_deref(),
+        read(stead_api::config::DBOS_CONFIG).as_deref(),
+    )
+    .ok();
+    let backend = cfg
+        .as_ref()
+        .and_then(|c| c.sandbox.as_deref())
+        .and_then(Backend::parse)
+        .unwrap_or(default);
+    let network = if cfg.is_some_and(|c| c.egress) {
+        NetworkMode::Egress
+    } else {
+        NetworkMode::Isolated
+    };
+    (backend, network)
 }
 
 /// Environment every sandbox starts from: enough to find the tools of the
