@@ -37,6 +37,10 @@ pub(crate) struct Record {
     /// Host services exposed inside the instance (see `IntendedApp::expose`).
     #[serde(default)]
     pub expose: Vec<String>,
+    /// Port of the instance's endpoint on the host, kept across agent
+    /// restarts so the routers' tables stay right.
+    #[serde(default)]
+    pub endpoint_port: Option<u16>,
 }
 
 pub(crate) struct Instance {
@@ -273,6 +277,7 @@ async fn launch(
         run: spec.run.clone(),
         started_at,
         sandbox: process.persisted(),
+        endpoint_port: None,
     };
     write_record(&dir, &record).map_err(|e| format!("recording the instance: {e}"))?;
     attach(shared, record, process).await;
@@ -330,7 +335,18 @@ fn write_record(dir: &Path, record: &Record) -> std::io::Result<()> {
 async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
     let process = Arc::new(process);
     let id = record.id.clone();
-    let listener = match TcpListener::bind(SocketAddr::new(shared.config.advertise_ip, 0)).await {
+    // The same port as before an agent restart when it is still free, so
+    // routes stay valid; else a new one.
+    let mut record = record;
+    let previous = match record.endpoint_port {
+        Some(p) => TcpListener::bind(SocketAddr::new(shared.config.advertise_ip, p)).await.ok(),
+        None => None,
+    };
+    let bound = match previous {
+        Some(l) => Ok(l),
+        None => TcpListener::bind(SocketAddr::new(shared.config.advertise_ip, 0)).await,
+    };
+    let listener = match bound {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(instance = %id, error = %e, "could not bind the instance's endpoint");
@@ -346,6 +362,14 @@ async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
         }
     };
     let endpoint = listener.local_addr().ok();
+    if let Some(addr) = endpoint {
+        if record.endpoint_port != Some(addr.port()) {
+            record.endpoint_port = Some(addr.port());
+            if let Err(e) = write_record(&instance_dir(shared, &id), &record) {
+                tracing::warn!(instance = %id, error = %e, "could not record the instance's endpoint");
+            }
+        }
+    }
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(forward(
         listener,

@@ -20,9 +20,12 @@ pub mod client;
 pub mod decide;
 mod instance;
 mod logship;
+mod metrics;
+mod recovery;
+mod traffic;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -51,6 +54,11 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot serve the agent's metrics on {addr}: {source}; choose another --metrics-listen address")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +83,14 @@ pub struct AgentConfig {
     /// Sandbox backend of instances whose app names none
     /// (`stead agent --sandbox`).
     pub sandbox: Backend,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// When an instance is stopped, how long after the control plane
+    /// acknowledged it as stopping its in-flight requests are waited for
+    /// at least: the time routers take to drop it from their tables (they
+    /// long-poll routes, so milliseconds; this also covers one that falls
+    /// back to polling every 500 ms).
+    pub drain_propagation: Duration,
 }
 
 impl AgentConfig {
@@ -98,6 +114,8 @@ impl AgentConfig {
             build_memory_mb: 4096,
             builds: true,
             sandbox: Backend::Process,
+            metrics_listen: None,
+            drain_propagation: Duration::from_millis(600),
         }
     }
 }
@@ -120,6 +138,11 @@ pub(crate) struct Shared {
     /// Woken when an instance changes phase, so the loop reacts at once.
     pub wake: Notify,
     pub history: Mutex<ExitHistory>,
+    /// Admin-endpoint recoveries under way, so one order is carried out
+    /// once even though every heartbeat repeats it until it is reported.
+    pub recovering: Mutex<std::collections::HashSet<String>>,
+    /// Measurements, counters and heartbeat acknowledgements.
+    pub(crate) telemetry: metrics::Telemetry,
 }
 
 impl Shared {
@@ -146,11 +169,12 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    let sandbox =
-        Sandboxes::new(config.init_exe.clone(), config.sandbox).map_err(|source| AgentError::Sandbox {
+    let sandbox = Sandboxes::new(config.init_exe.clone(), config.sandbox).map_err(|source| {
+        AgentError::Sandbox {
             host: config.name.clone(),
             source,
-        })?;
+        }
+    })?;
     for d in ["instances", "apps", "tmp"] {
         mkdir(&config.data_dir.join(d))?;
     }
@@ -194,10 +218,21 @@ pub async fn run(
         instances: Mutex::new(BTreeMap::new()),
         wake: Notify::new(),
         history: Mutex::new(ExitHistory::default()),
+        recovering: Mutex::new(std::collections::HashSet::new()),
+        telemetry: metrics::Telemetry::default(),
         config,
     });
     instance::adopt_all(&shared).await;
 
+    let metrics_server = match shared.config.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr)
+                .await
+                .map_err(|source| AgentError::Metrics { addr, source })?;
+            Some(tokio::spawn(metrics::serve(shared.clone(), listener)))
+        }
+        None => None,
+    };
     let resolver = tokio::spawn(resolve_loop(shared.clone()));
     let builder = shared
         .config
@@ -217,6 +252,9 @@ pub async fn run(
     // One last shipment so the last lines before exit reach the logs.
     logship::ship_once(&shared).await;
     shipper.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     Ok(())
 }
 
@@ -244,20 +282,47 @@ async fn resolve_loop(shared: Arc<Shared>) {
     // The last intended state received: used while the control plane is
     // unreachable, so crashed instances are still replaced.
     let mut intended: Option<IntendedHostState> = None;
+    // The etag of `intended`, sent back so that the control plane holds the
+    // heartbeat until the intended state changes (long-poll): changes reach
+    // this host within milliseconds, not at the next poll.
+    let mut etag: Option<String> = None;
+    let poll_ms = u64::try_from(shared.config.poll_interval.as_millis()).unwrap_or(1000);
     loop {
+        let seq = shared.telemetry.next_observation();
         let observed = instance::observe(&shared).await;
+        let (cpu_millis, cpu_period_ms) = metrics::sample_cpu(&shared).await;
         let req = HeartbeatRequest {
             host_id: shared.host_id.clone(),
             session: shared.session.clone(),
             instances: observed.iter().map(|(_, o)| o.clone()).collect(),
+            wait_ms: if intended.is_some() { poll_ms } else { 0 },
+            known: etag.clone(),
+            cpu_millis,
+            cpu_period_ms,
+            // Filled by the DBOS system-database reader.
+            queued_workflows: BTreeMap::new(),
         };
-        match shared
-            .client
-            .post::<_, HeartbeatResponse>("/v1/agent/heartbeat", &req)
-            .await
-        {
-            Ok(resp) => intended = Some(resp.intended),
+        let sent = tokio::time::Instant::now();
+        let reply = tokio::select! {
+            r = shared.client.post::<_, HeartbeatResponse>("/v1/agent/heartbeat", &req) => r,
+            // Something changed here while the heartbeat was held: report
+            // it now rather than when the hold ends.
+            _ = shared.wake.notified() => continue,
+        };
+        // Whether to go round again at once: the control plane held the
+        // heartbeat (so it paces the loop) or sent a new intended state.
+        let mut again = false;
+        match reply {
+            Ok(resp) => {
+                shared.telemetry.heartbeat_ok(seq, sent.elapsed());
+                let held = sent.elapsed() >= shared.config.poll_interval / 2;
+                again = resp.etag.is_some() && (held || resp.etag != etag);
+                etag = resp.etag;
+                intended = Some(resp.intended);
+            }
             Err(e) => {
+                shared.telemetry.heartbeat_failed();
+                etag = None;
                 tracing::warn!(host = %shared.config.name, error = %e, "heartbeat failed; keeping what runs")
             }
         }
@@ -276,20 +341,35 @@ async fn resolve_loop(shared: Arc<Shared>) {
                     &shared.config.policy,
                 )
             };
+            recovery::admin_orders(&shared, intended).await;
             for action in actions {
+                shared.telemetry.count_action(&action);
                 apply(&shared, intended, action).await;
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(shared.config.poll_interval) => {}
-            _ = shared.wake.notified() => {}
+        {
+            let instances = shared.instances.lock().await;
+            shared.telemetry.retain(&|id| instances.contains_key(id));
+        }
+        // Without a long-poll to pace it (an error, or a control plane that
+        // answers at once), the loop waits out the poll interval; a local
+        // change (an instance exits, becomes ready) still wakes it at once.
+        if !again {
+            tokio::select! {
+                _ = tokio::time::sleep_until(sent + shared.config.poll_interval) => {}
+                _ = shared.wake.notified() => {}
+            }
         }
     }
 }
 
 async fn apply(shared: &Arc<Shared>, intended: &IntendedHostState, action: Action) {
     match action {
-        Action::Start { app, version } => {
+        Action::Start {
+            app,
+            version,
+            executor_id,
+        } => {
             let Some(spec) = intended
                 .apps
                 .iter()
@@ -297,7 +377,7 @@ async fn apply(shared: &Arc<Shared>, intended: &IntendedHostState, action: Actio
             else {
                 return;
             };
-            instance::start(shared, spec.clone()).await;
+            instance::start(shared, spec.clone(), executor_id).await;
         }
         Action::Stop { id, reason } => instance::stop(shared, &id, reason).await,
         Action::Forget { id } => instance::forget(shared, &id).await,

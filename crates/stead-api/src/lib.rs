@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-pub use config::{AppConfig, ConfigError};
+pub use config::{AppConfig, ConfigError, ScalingConfig};
 
 /// Header carrying the client's idempotency key for a deploy, so that a CLI
 /// retrying after a control-plane crash gets the version it already created
@@ -114,6 +114,67 @@ pub struct ScaleSettings {
     pub max: u32,
 }
 
+/// What the autoscaler decided for an app, and why (`stead apps status`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
+pub struct ScaleStatus {
+    /// Instances of the active version the app should run now.
+    pub desired: u32,
+    /// Ready instances of the active version.
+    pub ready: u32,
+    /// One line: e.g. `3 instances: 250 in-flight / target 100`.
+    pub reason: String,
+    /// Requests in flight at the routers, averaged over the stable window.
+    pub in_flight: f64,
+    /// Requests in flight averaged over the (short) panic window.
+    pub in_flight_burst: f64,
+    /// Requests per second over the stable window.
+    pub requests_per_s: f64,
+    /// CPU used by the app's instances, in cores, over the stable window.
+    pub cpu_cores: f64,
+    /// DBOS workflows ENQUEUED or PENDING, as the agents last reported.
+    pub queued_workflows: u64,
+    /// Reacting to a burst: not scaling down until the burst has passed.
+    pub panic: bool,
+    /// Milliseconds since the app last had a request (or a deploy), when known.
+    pub idle_ms: Option<i64>,
+    /// The autoscaler's targets and the router's per-app limits in effect
+    /// (stead.toml's, or what `stead scale` set since the last deploy).
+    #[serde(default)]
+    pub settings: ScalingConfig,
+}
+
+/// Changes to an app's scale (`POST /v1/apps/{app}/scale`, `stead scale`).
+/// Absent fields keep their value. Everything but `min`/`max` holds until
+/// the next deploy, which applies its stead.toml again (as it does for
+/// `min`/`max`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
+pub struct ScaleRequest {
+    #[serde(default)]
+    pub min: Option<u32>,
+    #[serde(default)]
+    pub max: Option<u32>,
+    #[serde(default)]
+    pub target_concurrency: Option<u32>,
+    /// Percent of one core per instance; 0 disables CPU-based scaling.
+    #[serde(default)]
+    pub target_cpu_percent: Option<u32>,
+    /// 0 disables scaling to zero.
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub stable_window_ms: Option<u64>,
+    #[serde(default)]
+    pub panic_window_ms: Option<u64>,
+    #[serde(default)]
+    pub scale_down_delay_ms: Option<u64>,
+    /// 0 removes the limit.
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    /// 0 removes the limit.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct AppStatus {
     pub name: String,
@@ -130,6 +191,12 @@ pub struct AppStatus {
     /// Where the app is served, when the server knows its router.
     pub url: Option<String>,
     pub created_at_ms: i64,
+    /// The rollout in progress or last finished, if any.
+    #[serde(default)]
+    pub rollout: Option<RolloutInfo>,
+    /// The autoscaler's current decision and its reason.
+    #[serde(default)]
+    pub autoscale: Option<ScaleStatus>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
@@ -180,6 +247,18 @@ pub struct InstanceInfo {
     pub started_at_ms: i64,
     /// Why it exited, when it did.
     pub exit: Option<String>,
+    /// Host pid of the sandbox's init (killing it kills the instance).
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// It runs the DBOS admin server.
+    #[serde(default)]
+    pub dbos_admin: bool,
+    #[serde(default)]
+    pub host_id: String,
+    /// Last heartbeat of its host (epoch ms): a stale one means the host
+    /// may be gone.
+    #[serde(default)]
+    pub host_heartbeat_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -346,6 +425,27 @@ pub struct HeartbeatRequest {
     pub host_id: String,
     pub session: String,
     pub instances: Vec<ObservedInstance>,
+    /// Long-poll: when the intended state's `etag` is still `known`, the
+    /// server holds the answer up to this many milliseconds (at most 30 s)
+    /// until it changes, so agents learn of changes at once without
+    /// polling fast. 0 answers at once.
+    #[serde(default)]
+    pub wait_ms: u64,
+    /// The `etag` of the intended state the agent acts on.
+    #[serde(default)]
+    pub known: Option<String>,
+    /// CPU used by each instance (by id) since the previous heartbeat, in
+    /// thousandths of a core: the autoscaler's CPU signal.
+    #[serde(default)]
+    pub cpu_millis: BTreeMap<String, u32>,
+    /// The period `cpu_millis` was measured over, in milliseconds.
+    #[serde(default)]
+    pub cpu_period_ms: u64,
+    /// DBOS workflows ENQUEUED or PENDING per app (by name), for the apps
+    /// whose system database this agent reads. An app with queued work is
+    /// never scaled to zero. Apps not listed count as 0.
+    #[serde(default)]
+    pub queued_workflows: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -359,6 +459,9 @@ pub struct ObservedInstance {
     pub pid: Option<u32>,
     pub started_at_ms: i64,
     pub exit: Option<String>,
+    /// The instance answers the DBOS admin health check on its admin port.
+    #[serde(default)]
+    pub dbos_admin: bool,
 }
 
 /// What the control plane wants on one host.
@@ -379,6 +482,22 @@ pub struct IntendedApp {
     pub run: RunSpec,
     /// Environment (secrets decrypted) for the instances.
     pub env: BTreeMap<String, String>,
+    /// Host services (`host:port`) the agent makes reachable inside the
+    /// instance at `127.0.0.1:<same port>`: the app's own database.
+    #[serde(default)]
+    pub expose: Vec<String>,
+    /// An old version kept running only to finish its workflows: the
+    /// agent must not stop its live instances.
+    #[serde(default)]
+    pub draining: bool,
+    /// Dead executors whose workflows a ready instance of this version on
+    /// this host must recover through the DBOS admin endpoint.
+    #[serde(default)]
+    pub recover_via_admin: Vec<String>,
+    /// Executor ids of dead instances that new instances of this version
+    /// must take over (recovery by restarting with the same executor id).
+    #[serde(default)]
+    pub reuse_executor_ids: Vec<String>,
 }
 
 /// How to run one version: what the agent needs besides the artifact.
@@ -390,11 +509,26 @@ pub struct RunSpec {
     pub memory_mb: u64,
     /// Seconds between SIGTERM and SIGKILL when stopping.
     pub grace_s: u32,
+    #[serde(default)]
+    pub language: Option<String>,
+    /// Seconds of failed health checks before the instance is replaced.
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout_s: u32,
+    /// DBOS admin port to probe (`/dbos-healthz`), if any.
+    #[serde(default)]
+    pub admin_port: Option<u16>,
+}
+
+fn default_health_timeout() -> u32 {
+    config::DEFAULT_HEALTH_TIMEOUT_S
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct HeartbeatResponse {
     pub intended: IntendedHostState,
+    /// Identifies this intended state; send it back as `known` to long-poll.
+    #[serde(default)]
+    pub etag: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -416,6 +550,61 @@ pub struct BuildTask {
     pub memory_mb: u64,
     pub lease_expires_at_ms: i64,
     pub attempt: u32,
+    #[serde(default)]
+    pub language: Option<String>,
+}
+
+/// Sent by an agent after it recovered workflows of dead executors.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct RecoveryReport {
+    pub host_id: String,
+    pub app: String,
+    pub version: u32,
+    pub executor_ids: Vec<String>,
+    /// Workflow ids re-enqueued.
+    pub workflows: Vec<String>,
+    /// `admin` or `executor-id`.
+    pub method: String,
+    /// Instance that performed it.
+    pub instance: String,
+}
+
+/// An app's databases, as `stead db status` shows them.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct AppDatabaseInfo {
+    pub app: String,
+    /// `sqlite` or `postgres`.
+    pub kind: String,
+    /// DBOS system database URL (password masked unless revealed).
+    pub system_url: String,
+    /// Application database URL (password masked unless revealed).
+    pub app_url: String,
+    /// Whether the control plane could open the system database now.
+    pub reachable: bool,
+    pub error: Option<String>,
+    pub pending_workflows: u64,
+    pub enqueued_workflows: u64,
+}
+
+/// One step of a multi-step rollout.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct RolloutInfo {
+    pub id: i64,
+    pub app: String,
+    pub versions: Vec<u32>,
+    /// Index into `versions` of the step being promoted.
+    pub step: u32,
+    /// `running`, `done`, `failed`.
+    pub state: String,
+    pub message: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct RolloutRequest {
+    /// Ready (held) versions to promote, in order.
+    pub versions: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -483,6 +672,70 @@ pub struct InstanceLogLine {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
 pub struct RouteTable {
     pub apps: Vec<AppRoute>,
+    /// Identifies this table: `GET /v1/routes?since=<etag>&wait_ms=N`
+    /// answers once the table differs (long-poll).
+    #[serde(default)]
+    pub etag: Option<String>,
+    /// Per-app traffic settings, by app name (apps not listed have none).
+    #[serde(default)]
+    pub limits: BTreeMap<String, AppLimits>,
+}
+
+/// What the router enforces and measures for one app.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
+pub struct AppLimits {
+    /// Requests in flight above this are answered 503 at once.
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    /// Request bodies above this are answered 413.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// Requests in flight per instance the autoscaler aims at; the router
+    /// reports demand early when an app goes past it, so bursts are seen
+    /// within milliseconds rather than at the next report.
+    #[serde(default)]
+    pub target_concurrency: Option<u32>,
+}
+
+/// Demand a router measured, sent to `POST /v1/router/demand` about once a
+/// second while apps are busy (nothing while all are idle) and at once when
+/// a request arrives for an app without a ready instance (to wake it).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
+pub struct DemandReport {
+    /// Identifies the router (stable for its lifetime).
+    pub router: String,
+    pub apps: Vec<AppDemand>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
+pub struct AppDemand {
+    pub app: String,
+    /// Length of the period measured, ending now (0 for a wake-up).
+    pub period_ms: u64,
+    /// Requests in flight, averaged over the period.
+    pub concurrency: f64,
+    /// Most requests in flight at once during the period.
+    pub peak: u64,
+    /// Requests received during the period.
+    pub requests: u64,
+    /// Requests held now because the app has no ready instance.
+    pub waiting: u64,
+    /// Requests in flight per instance now.
+    #[serde(default)]
+    pub instances: Vec<InstanceDemand>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
+pub struct InstanceDemand {
+    pub instance: String,
+    pub in_flight: u64,
+}
+
+/// Answer to a demand report.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
+pub struct DemandAck {
+    /// Some app's desired instance count changed because of it.
+    pub changed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]

@@ -4,6 +4,7 @@
 //! guards that count the request as outstanding until it is finished).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -17,16 +18,21 @@ use crate::table::Outstanding;
 /// reads it. If the connection attempt fails first, the body is still here
 /// and can be handed to a request to another endpoint.
 #[derive(Debug)]
-pub(crate) struct BodySlot(Mutex<Option<Incoming>>);
+pub(crate) struct BodySlot(Mutex<Option<Incoming>>, AtomicBool);
 
 impl BodySlot {
     pub fn new(body: Incoming) -> Arc<Self> {
-        Arc::new(BodySlot(Mutex::new(Some(body))))
+        Arc::new(BodySlot(Mutex::new(Some(body)), AtomicBool::new(false)))
     }
 
     fn take(&self) -> Option<Incoming> {
         // Only ever a take or a peek; poisoning cannot leave it inconsistent.
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Whether the body was cut off for going over the app's size limit.
+    pub fn too_large(&self) -> bool {
+        self.1.load(Ordering::Relaxed)
     }
 
     /// Whether no upstream connection has started reading the body yet.
@@ -48,28 +54,38 @@ pub(crate) struct ForwardBody {
     hint: SizeHint,
     /// Set once the slot has been emptied, so it is never locked again.
     drained: bool,
+    /// The app's body size limit, if any, and the bytes sent so far.
+    limit: Option<u64>,
+    sent: u64,
 }
 
+/// The error a request body ends with when it goes over the app's limit.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than the app's limit of {0} bytes")]
+pub(crate) struct TooLarge(pub u64);
+
 impl ForwardBody {
-    pub fn new(slot: Arc<BodySlot>, end_stream: bool, hint: SizeHint) -> Self {
+    pub fn new(slot: Arc<BodySlot>, end_stream: bool, hint: SizeHint, limit: Option<u64>) -> Self {
         ForwardBody {
             slot,
             body: None,
             end_stream,
             hint,
             drained: false,
+            limit,
+            sent: 0,
         }
     }
 }
 
 impl Body for ForwardBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         if this.body.is_none() {
             if this.drained {
@@ -78,9 +94,24 @@ impl Body for ForwardBody {
             this.drained = true;
             this.body = this.slot.take();
         }
-        match this.body.as_mut() {
-            Some(b) => Pin::new(b).poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(b) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(b).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(limit), Some(data)) = (this.limit, frame.data_ref()) {
+                    this.sent += data.len() as u64;
+                    if this.sent > limit {
+                        this.slot.1.store(true, Ordering::Relaxed);
+                        this.body = None;
+                        return Poll::Ready(Some(Err(Box::new(TooLarge(limit)))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 

@@ -7,17 +7,27 @@
 //! provides (in production the control plane's `GET /v1/routes`, polled by
 //! [`ApiRouteSource`]).
 //!
+//! The table is kept current by long-polling the source: the control plane
+//! answers as soon as the table changes, so a new or removed endpoint is
+//! known within milliseconds; the periodic refresh is only the fallback.
+//!
 //! When an app has no ready endpoint (just deployed, restarting, or scaled to
-//! zero) the request is held: the router refreshes its table and polls the
-//! source for up to [`RouterConfig::wake_wait`] before answering 503, so the
-//! first requests to a waking app are answered instead of failing. Requests
-//! held this way count as in flight for their app, which is what the
-//! autoscaler reads (see [`Router::load`]).
+//! zero) the request is held: the router tells the autoscaler at once (one
+//! wake-up report per app, however many requests arrive), and forwards the
+//! request as soon as an endpoint appears, for up to
+//! [`RouterConfig::wake_wait`] before answering 503. Requests held this way
+//! count as in flight for their app.
+//!
+//! The router measures each app's demand (requests in flight averaged over
+//! time, request counts, held requests, per-instance load) and reports it
+//! to the autoscaler about once a second while the app is busy, earlier when
+//! a burst takes it past its target, and not at all while it idles.
 //!
 //! Bodies are streamed both ways, never buffered; HTTP/1.1 (keep-alive,
 //! upgrades such as WebSocket) and h2c are served on the same port.
 
 mod body;
+mod demand;
 mod metrics;
 mod proxy;
 mod routing;
@@ -81,8 +91,12 @@ pub struct RouterConfig {
     /// traffic, not how soon a new one gets it.
     pub refresh_interval: Duration,
     /// How long a request for an app without a ready endpoint is held
-    /// waiting for one before the router answers 503 (default 5 s).
+    /// waiting for one (an app waking from zero) before the router answers
+    /// 503 with `Retry-After` (default 30 s).
     pub wake_wait: Duration,
+    /// How often demand is reported to the autoscaler while apps are busy
+    /// (default 1 s).
+    pub report_interval: Duration,
 }
 
 impl Default for RouterConfig {
@@ -91,7 +105,8 @@ impl Default for RouterConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             domain: "localhost".to_string(),
             refresh_interval: Duration::from_millis(500),
-            wake_wait: Duration::from_secs(5),
+            wake_wait: Duration::from_secs(30),
+            report_interval: Duration::from_secs(1),
         }
     }
 }
@@ -102,6 +117,8 @@ const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(10);
 /// Bound on one route fetch, so a hung control plane cannot block refreshes
 /// forever (every later refresh waits for the one in flight).
 const SOURCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one long-poll of the route table may be held by the source.
+const WATCH_WAIT: Duration = Duration::from_secs(20);
 /// How long open connections may keep running after shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Slow-loris guard: a client must send its request head within this.
@@ -140,6 +157,14 @@ pub(crate) struct Shared {
     /// Whether the last fetch failed, to log a failing source once rather
     /// than on every poll.
     failing: AtomicBool,
+    /// Bumped whenever a new table is installed: held requests wait on it.
+    table_changed: watch::Sender<u64>,
+    /// True while the source's long-poll is working, so held requests can
+    /// rely on it rather than poll.
+    watching: AtomicBool,
+    /// Identifies this router in demand reports.
+    router_id: String,
+    report_interval: Duration,
 }
 
 impl Shared {
@@ -188,14 +213,8 @@ impl Shared {
             let result = tokio::time::timeout(SOURCE_TIMEOUT, shared.source.fetch()).await;
             let error = match result {
                 Ok(Ok(routes)) => {
-                    let previous = shared.table.load();
-                    let table = Table::build(routes, &previous, &shared.registry);
-                    shared.table.store(Arc::new(table));
-                    shared.ever_loaded.store(true, Ordering::Relaxed);
+                    shared.install(routes);
                     done.fetched.ok = true;
-                    if shared.failing.swap(false, Ordering::Relaxed) {
-                        tracing::info!("route source answers again");
-                    }
                     None
                 }
                 Ok(Err(e)) => Some(e.to_string()),
@@ -216,6 +235,93 @@ impl Shared {
 
     fn lookup(&self, app: &str) -> Option<Arc<table::AppEntry>> {
         self.table.load().get(app).cloned()
+    }
+
+    /// `/metrics`: per-app counters, plus each endpoint's outstanding
+    /// requests (what least-outstanding balancing reads).
+    fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = self.registry.render();
+        out.push_str(
+            "# HELP stead_router_instance_outstanding Requests sent to an instance and not finished, by app and instance.\n\
+             # TYPE stead_router_instance_outstanding gauge\n",
+        );
+        let table = self.table.load();
+        for e in table.entries() {
+            for ep in e.endpoints.iter() {
+                let _ = writeln!(
+                    out,
+                    "stead_router_instance_outstanding{{app=\"{}\",instance=\"{}\"}} {}",
+                    metrics::escape_label(&e.name),
+                    metrics::escape_label(&ep.instance),
+                    ep.outstanding.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP stead_router_routes_watching Whether the route table is kept current by long-poll (1) or polled (0).\n\
+             # TYPE stead_router_routes_watching gauge\nstead_router_routes_watching {}",
+            u8::from(self.watching.load(Ordering::Relaxed))
+        );
+        out
+    }
+
+    /// Makes `routes` the table requests use, and wakes held requests.
+    fn install(&self, routes: stead_api::RouteTable) {
+        let previous = self.table.load();
+        let table = Table::build(routes, &previous, &self.registry);
+        self.table.store(Arc::new(table));
+        self.ever_loaded.store(true, Ordering::Relaxed);
+        self.table_changed.send_modify(|v| *v = v.wrapping_add(1));
+        if self.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("route source answers again");
+        }
+    }
+
+    /// Keeps the table current: long-polls the source, which answers when
+    /// the table changes; a source that cannot long-poll (no etag) is
+    /// polled every `interval` instead, and after a failure the next
+    /// attempt waits `interval` too.
+    async fn watch_routes(self: Arc<Self>, interval: Duration) {
+        loop {
+            let since = self.table.load().etag.clone();
+            let started = Instant::now();
+            let got = tokio::time::timeout(
+                WATCH_WAIT + SOURCE_TIMEOUT,
+                self.source.fetch_changed(since.clone(), WATCH_WAIT),
+            )
+            .await;
+            match got {
+                Ok(Ok(routes)) => {
+                    let long_polls = routes.etag.is_some();
+                    let changed = routes.etag.is_none() || routes.etag != since;
+                    if changed {
+                        self.install(routes);
+                    }
+                    self.watching.store(long_polls, Ordering::Relaxed);
+                    if !long_polls {
+                        tokio::time::sleep_until(tokio::time::Instant::from_std(
+                            started + interval,
+                        ))
+                        .await;
+                    }
+                }
+                other => {
+                    self.watching.store(false, Ordering::Relaxed);
+                    let error = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "route long-poll took too long".to_string(),
+                    };
+                    if self.failing.swap(true, Ordering::Relaxed) {
+                        tracing::debug!(%error, "route refresh failed; serving the last table");
+                    } else {
+                        tracing::warn!(%error, "route refresh failed; serving the last table");
+                    }
+                    tokio::time::sleep(interval).await;
+                }
+            }
+        }
     }
 }
 
@@ -299,6 +405,10 @@ impl Router {
             fetched: watch::channel(None).0,
             ever_loaded: AtomicBool::new(false),
             failing: AtomicBool::new(false),
+            table_changed: watch::channel(0).0,
+            watching: AtomicBool::new(false),
+            router_id: format!("router-{}-{:08x}", local_addr, rand::random::<u32>()),
+            report_interval: config.report_interval.max(Duration::from_millis(100)),
         });
         Ok(Router {
             listener,
@@ -334,17 +444,8 @@ impl Router {
             shared,
         } = self;
 
-        let refresher = {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(refresh_interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    shared.refresh_since(Instant::now()).await;
-                }
-            })
-        };
+        let refresher = tokio::spawn(shared.clone().watch_routes(refresh_interval));
+        let reporter = tokio::spawn(demand::report_loop(shared.clone()));
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -396,6 +497,7 @@ impl Router {
 
         drop(listener);
         refresher.abort();
+        reporter.abort();
         tracing::info!("router shutting down; letting open requests finish");
         if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
             .await

@@ -25,6 +25,17 @@ pub(crate) struct AppStats {
     by_class: [AtomicU64; 5],
     /// Round-robin cursor for breaking ties between equally loaded endpoints.
     pub rr: AtomicUsize,
+    /// Requests received (routed to this app), for request rates.
+    pub requests: AtomicU64,
+    /// Most requests in flight at once since the last demand report.
+    pub peak: AtomicI64,
+    /// Requests held right now because the app has no ready instance.
+    pub waiting: AtomicI64,
+    /// Requests that found the app without a ready instance (cold starts
+    /// and waits for a restarting app).
+    pub held_total: AtomicU64,
+    /// Requests refused by the app's concurrency or body-size limit.
+    pub limited_total: AtomicU64,
 }
 
 impl AppStats {
@@ -47,8 +58,37 @@ pub(crate) struct InFlight(Arc<AppStats>);
 
 impl InFlight {
     pub fn start(stats: &Arc<AppStats>) -> Self {
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        if now > stats.peak.load(Ordering::Relaxed) {
+            stats.peak.fetch_max(now, Ordering::Relaxed);
+        }
         InFlight(stats.clone())
+    }
+
+    /// Requests in flight for the app, this one included.
+    pub fn current(&self) -> i64 {
+        self.0.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request as held (waiting for a ready instance) while it lives.
+#[derive(Debug)]
+pub(crate) struct Held(Arc<AppStats>);
+
+impl Held {
+    /// Also says whether no other request was held for the app: the first
+    /// one wakes it, the others share that wake-up.
+    pub fn start(stats: &Arc<AppStats>) -> (Self, bool) {
+        let before = stats.waiting.fetch_add(1, Ordering::Relaxed);
+        stats.held_total.fetch_add(1, Ordering::Relaxed);
+        (Held(stats.clone()), before <= 0)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -85,6 +125,14 @@ impl Registry {
 
     pub fn unrouted(&self) -> &Arc<AppStats> {
         &self.unrouted
+    }
+
+    /// Every app's stats (a snapshot of the map, not of the counters).
+    pub fn all(&self) -> Vec<(String, Arc<AppStats>)> {
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// In-flight requests per app (apps with none included once they have
@@ -125,7 +173,7 @@ impl Registry {
             "# HELP stead_router_in_flight Requests in progress (including those waiting for a ready instance), by app.\n\
              # TYPE stead_router_in_flight gauge\n",
         );
-        for (app, stats) in all {
+        for (app, stats) in all.clone() {
             let n = stats.in_flight.load(Ordering::Relaxed).max(0);
             let _ = writeln!(
                 out,
@@ -133,11 +181,36 @@ impl Registry {
                 escape_label(app)
             );
         }
+        for (name, kind, help, get) in [
+            (
+                "stead_router_waiting",
+                "gauge",
+                "Requests held because the app has no ready instance (waking from zero, restarting), by app.",
+                (|s: &AppStats| s.waiting.load(Ordering::Relaxed).max(0) as u64) as fn(&AppStats) -> u64,
+            ),
+            (
+                "stead_router_held_requests_total",
+                "counter",
+                "Requests that had to wait for a ready instance, by app.",
+                |s: &AppStats| s.held_total.load(Ordering::Relaxed),
+            ),
+            (
+                "stead_router_limited_requests_total",
+                "counter",
+                "Requests refused by the app's concurrency or body-size limit, by app.",
+                |s: &AppStats| s.limited_total.load(Ordering::Relaxed),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (app, stats) in all.clone() {
+                let _ = writeln!(out, "{name}{{app=\"{}\"}} {}", escape_label(app), get(stats));
+            }
+        }
         out
     }
 }
 
-fn escape_label(v: &str) -> String {
+pub(crate) fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

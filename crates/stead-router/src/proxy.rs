@@ -15,13 +15,16 @@ use hyper_util::rt::TokioIo;
 use stead_api::{ErrorBody, INSTANCE_HEADER, REQUEST_ID_HEADER, VERSION_HEADER};
 
 use crate::body::{BodySlot, ForwardBody, Guards, ProxyBody};
-use crate::metrics::{AppStats, InFlight};
+use crate::metrics::{AppStats, Held, InFlight};
 use crate::routing;
 use crate::table::AppEntry;
 use crate::Shared;
 
-/// How often a held request re-checks for a ready endpoint.
+/// How often a held request re-fetches the table when the source's
+/// long-poll is not working (it is woken by table changes anyway).
 const WAKE_POLL: Duration = Duration::from_millis(150);
+/// The same, while the long-poll works: a safety net only.
+const WAKE_POLL_WATCHED: Duration = Duration::from_secs(1);
 /// After a connection to an endpoint is refused, other endpoints are
 /// preferred for this long.
 const AVOID_AFTER_CONNECT_ERROR_MS: u64 = 2_000;
@@ -143,6 +146,20 @@ fn error_response(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    resp
+}
+
+/// 413 for a body over the app's limit.
+fn too_large(app: &str, max: u64, request_id: &HeaderValue) -> Response<ProxyBody> {
+    let resp = error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request_too_large",
+        format!(
+            "the request body is larger than app {app:?} accepts ({max} bytes, `run.max_body`); \
+             send less, or raise it with `stead scale {app} --max-body SIZE`"
+        ),
+        request_id,
+    );
     resp
 }
 
@@ -312,6 +329,22 @@ impl Shared {
                 }
             }
         };
+        if let Some(resp) = self.over_limits(&req, &entry, in_flight.as_ref(), &request_id) {
+            drop(in_flight);
+            entry
+                .stats
+                .limited_total
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return self.finish(
+                resp,
+                &entry.name,
+                entry.version,
+                None,
+                Some(&entry.stats),
+                start,
+                &request_id,
+            );
+        }
         self.forward(
             req,
             Target {
@@ -326,6 +359,48 @@ impl Shared {
         .await
     }
 
+    /// The app's own limits: too many requests in flight (503 at once,
+    /// rather than queueing without bound) or a body declared larger than
+    /// allowed (413; bodies without a declared length are cut off when
+    /// they go over, see `ForwardBody`).
+    fn over_limits(
+        &self,
+        req: &Request<Incoming>,
+        entry: &AppEntry,
+        in_flight: Option<&InFlight>,
+        request_id: &HeaderValue,
+    ) -> Option<Response<ProxyBody>> {
+        if let (Some(max), Some(f)) = (entry.limits.max_concurrency, in_flight) {
+            if f.current() > i64::from(max) {
+                let mut resp = error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "app_overloaded",
+                    format!(
+                        "app {:?} already has {max} requests in flight, its limit (`scale.max_concurrency`); \
+                         retry shortly, or raise it with `stead scale {} --max-concurrency N`",
+                        &*entry.name, &*entry.name
+                    ),
+                    request_id,
+                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return Some(resp);
+            }
+        }
+        if let Some(max) = entry.limits.max_body_bytes {
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .or_else(|| req.body().size_hint().exact());
+            if declared.is_some_and(|n| n > max) {
+                return Some(too_large(&entry.name, max, request_id));
+            }
+        }
+        None
+    }
+
     /// Holds a request for `app` until it has a ready endpoint or the wake
     /// wait is over. The table is refreshed once first (an app deployed a
     /// moment ago may be missing from it), then polled. While waiting for a
@@ -337,31 +412,65 @@ impl Shared {
         in_flight: &mut Option<InFlight>,
     ) -> Woken {
         let deadline = tokio::time::Instant::from_std(since + self.wake_wait);
+        let mut changes = self.table_changed.subscribe();
         let wait = async {
-            let loaded = self.refresh_since(since).await;
-            let Some(mut entry) = self.lookup(app) else {
-                return if loaded || self.ever_loaded.load(std::sync::atomic::Ordering::Relaxed) {
-                    Woken::Unknown
-                } else {
-                    Woken::NoRoutes
-                };
+            // A known app without endpoints is asleep (or restarting): ask
+            // the autoscaler for an instance before anything else.
+            let mut entry = match self.lookup(app) {
+                Some(e) => e,
+                None => {
+                    // Not in this table: it may have been deployed a moment ago.
+                    let loaded = self.refresh_since(since).await;
+                    match self.lookup(app) {
+                        Some(e) => e,
+                        None if loaded
+                            || self.ever_loaded.load(std::sync::atomic::Ordering::Relaxed) =>
+                        {
+                            return Woken::Unknown
+                        }
+                        None => return Woken::NoRoutes,
+                    }
+                }
             };
+            if in_flight.is_none() {
+                *in_flight = Some(InFlight::start(&entry.stats));
+            }
+            if entry.has_endpoints() {
+                return Woken::Ready(entry);
+            }
+            let (_held, first) = Held::start(&entry.stats);
+            if first {
+                crate::demand::wake(self, app);
+            }
             loop {
-                if in_flight.is_none() {
-                    *in_flight = Some(InFlight::start(&entry.stats));
+                changes.borrow_and_update();
+                if let Some(e) = self.lookup(app) {
+                    entry = e;
+                } else {
+                    return Woken::Unknown;
                 }
                 if entry.has_endpoints() {
                     return Woken::Ready(entry);
                 }
-                let slept_from = Instant::now();
-                tokio::time::sleep(WAKE_POLL).await;
-                // Any fetch started while this request slept is fresh enough;
-                // this lets all held requests share one fetch per poll.
-                self.refresh_since(slept_from).await;
-                entry = match self.lookup(app) {
-                    Some(e) => e,
-                    None => return Woken::Unknown,
+                let poll = if self.watching.load(std::sync::atomic::Ordering::Relaxed) {
+                    WAKE_POLL_WATCHED
+                } else {
+                    WAKE_POLL
                 };
+                let slept_from = Instant::now();
+                tokio::select! {
+                    // A new table (from the long-poll): look again at once.
+                    r = changes.changed() => {
+                        if r.is_err() {
+                            tokio::time::sleep(poll).await;
+                        }
+                    }
+                    _ = tokio::time::sleep(poll) => {
+                        // Any fetch started while this request slept is fresh
+                        // enough; all held requests share one fetch per poll.
+                        self.refresh_since(slept_from).await;
+                    }
+                }
             }
         };
         match tokio::time::timeout_at(deadline, wait).await {
@@ -385,7 +494,7 @@ impl Shared {
             ),
             "/metrics" if readable => (
                 "text/plain; version=0.0.4; charset=utf-8",
-                Bytes::from(self.registry.render()),
+                Bytes::from(self.render_metrics()),
             ),
             _ => {
                 let resp = error_response(
@@ -548,7 +657,12 @@ impl Shared {
             } else {
                 std::mem::take(&mut parts.headers)
             };
-            let mut up = Request::new(ForwardBody::new(slot.clone(), end_stream, hint));
+            let mut up = Request::new(ForwardBody::new(
+                slot.clone(),
+                end_stream,
+                hint,
+                entry.limits.max_body_bytes,
+            ));
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = uri;
             // Instances speak HTTP/1.1, whatever the client spoke.
@@ -564,6 +678,23 @@ impl Shared {
                     return self.respond(resp, &entry, guards, client_upgrade, &request_id, start);
                 }
                 Err(e) => {
+                    if slot.too_large() {
+                        drop(outstanding);
+                        let max = entry.limits.max_body_bytes.unwrap_or(0);
+                        entry
+                            .stats
+                            .limited_total
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return self.finish(
+                            too_large(&entry.name, max, &request_id),
+                            &entry.name,
+                            entry.version,
+                            Some(&endpoint.instance),
+                            Some(&entry.stats),
+                            start,
+                            &request_id,
+                        );
+                    }
                     let connect_failed = e.is_connect();
                     if connect_failed {
                         endpoint.avoid_until_ms.store(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use hyper::header::HeaderValue;
 use hyper::http::uri::Authority;
-use stead_api::RouteTable;
+use stead_api::{AppLimits, RouteTable};
 
 use crate::metrics::{AppStats, Registry};
 
@@ -37,12 +37,15 @@ pub(crate) struct AppEntry {
     pub version_header: Option<HeaderValue>,
     pub endpoints: Box<[Arc<Endpoint>]>,
     pub stats: Arc<AppStats>,
+    pub limits: AppLimits,
 }
 
 /// A snapshot of all routes.
 #[derive(Debug, Default)]
 pub(crate) struct Table {
     apps: HashMap<Box<str>, Arc<AppEntry>>,
+    /// The source's identifier of this table (long-poll `since`).
+    pub etag: Option<String>,
 }
 
 /// Holds an endpoint's outstanding count up until dropped.
@@ -65,6 +68,7 @@ impl Table {
     /// outstanding-request counts (what balancing reads) survive refreshes.
     pub fn build(routes: RouteTable, previous: &Table, registry: &Registry) -> Table {
         let mut apps = HashMap::with_capacity(routes.apps.len());
+        let mut limits = routes.limits;
         for route in routes.apps {
             let name = route.app;
             let old = previous.apps.get(name.as_str());
@@ -114,11 +118,20 @@ impl Table {
                 version: route.version,
                 endpoints: endpoints.into_boxed_slice(),
                 stats,
+                limits: limits.remove(&name).unwrap_or_default(),
                 name: name.as_str().into(),
             };
             apps.insert(name.into_boxed_str(), Arc::new(entry));
         }
-        Table { apps }
+        Table {
+            apps,
+            etag: routes.etag,
+        }
+    }
+
+    /// Every app, for demand reports and metrics.
+    pub fn entries(&self) -> impl Iterator<Item = &Arc<AppEntry>> {
+        self.apps.values()
     }
 }
 
@@ -164,6 +177,8 @@ mod tests {
 
     fn routes(eps: &[(&str, &str)]) -> RouteTable {
         RouteTable {
+            etag: None,
+            limits: Default::default(),
             apps: vec![AppRoute {
                 app: "hello".into(),
                 version: Some(3),

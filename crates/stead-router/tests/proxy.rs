@@ -20,7 +20,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
-use stead_api::{AppRoute, ErrorBody, RouteEndpoint, RouteTable};
+use stead_api::{AppRoute, DemandReport, ErrorBody, RouteEndpoint, RouteTable};
 use stead_router::{RouteSource, Router, RouterConfig, RouterError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -88,6 +88,13 @@ struct FakeSource {
     delay: Duration,
     /// When set, every fetch fails (a control plane that is down).
     failing: std::sync::atomic::AtomicBool,
+    /// Demand reports received.
+    reports: Mutex<Vec<DemandReport>>,
+    /// When set, `fetch_changed` long-polls like the control plane: the
+    /// table's etag is its generation, bumped by `set`.
+    long_poll: std::sync::atomic::AtomicBool,
+    generation: AtomicUsize,
+    changed: Notify,
 }
 
 impl FakeSource {
@@ -96,14 +103,35 @@ impl FakeSource {
     }
     fn slow(apps: Vec<AppRoute>, delay: Duration) -> Arc<Self> {
         Arc::new(FakeSource {
-            table: Mutex::new(RouteTable { apps }),
+            table: Mutex::new(RouteTable {
+                apps,
+                ..Default::default()
+            }),
             fetches: AtomicUsize::new(0),
             delay,
             failing: std::sync::atomic::AtomicBool::new(false),
+            reports: Mutex::new(Vec::new()),
+            long_poll: std::sync::atomic::AtomicBool::new(false),
+            generation: AtomicUsize::new(1),
+            changed: Notify::new(),
         })
     }
     fn set(&self, apps: Vec<AppRoute>) {
         self.table.lock().unwrap().apps = apps;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+    fn set_limits(&self, app: &str, limits: stead_api::AppLimits) {
+        self.table
+            .lock()
+            .unwrap()
+            .limits
+            .insert(app.to_string(), limits);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+    fn reports(&self) -> Vec<DemandReport> {
+        self.reports.lock().unwrap().clone()
     }
     fn fetches(&self) -> usize {
         self.fetches.load(Ordering::SeqCst)
@@ -122,6 +150,41 @@ impl RouteSource for FakeSource {
             }
             Ok(self.table.lock().unwrap().clone())
         })
+    }
+
+    fn fetch_changed(
+        &self,
+        since: Option<String>,
+        wait: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<RouteTable, RouterError>> + Send + '_>> {
+        if !self.long_poll.load(Ordering::SeqCst) {
+            return self.fetch();
+        }
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                let notified = self.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let generation = self.generation.load(Ordering::SeqCst).to_string();
+                if since.as_deref() != Some(generation.as_str())
+                    || tokio::time::Instant::now() >= deadline
+                {
+                    let mut t = self.table.lock().unwrap().clone();
+                    t.etag = Some(generation);
+                    return Ok(t);
+                }
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+            }
+        })
+    }
+
+    fn report(
+        &self,
+        report: DemandReport,
+    ) -> Pin<Box<dyn Future<Output = Result<(), RouterError>> + Send + '_>> {
+        self.reports.lock().unwrap().push(report);
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -163,6 +226,7 @@ impl TestRouter {
             domain: "localhost".into(),
             refresh_interval,
             wake_wait,
+            ..RouterConfig::default()
         };
         let router = Router::bind(config, source).await.unwrap();
         let addr = router.local_addr();
@@ -1026,6 +1090,8 @@ async fn control_plane(
 async fn api_route_source_fetches_with_token_and_fails_over() {
     use stead_router::ApiRouteSource;
     let table = RouteTable {
+        etag: None,
+        limits: Default::default(),
         apps: vec![app(
             "hello",
             Some(3),
@@ -1060,6 +1126,8 @@ async fn api_route_source_fetches_with_token_and_fails_over() {
 async fn router_with_api_route_source_end_to_end() {
     let up = upstream("e2e").await;
     let table = RouteTable {
+        etag: None,
+        limits: Default::default(),
         apps: vec![app("hello", Some(1), &[("i-1", up.addr)])],
     };
     let (cp, _) = control_plane("tok", table).await;
@@ -1083,4 +1151,182 @@ async fn router_with_api_route_source_end_to_end() {
     assert_eq!(json(resp).await["uri"], "/x");
     let _ = stop.send(());
     within("shutdown", task).await.unwrap().unwrap();
+}
+
+// ------------------------------------------------------------------ scaling
+
+/// The wake-up reports (`period_ms == 0`) about `app` received so far.
+fn wake_reports(source: &FakeSource, app: &str) -> usize {
+    source
+        .reports()
+        .iter()
+        .flat_map(|r| r.apps.iter())
+        .filter(|a| a.app == app && a.period_ms == 0)
+        .count()
+}
+
+#[tokio::test]
+async fn held_requests_share_one_wake_report_and_follow_the_long_poll() {
+    let up = upstream("woken").await;
+    let source = FakeSource::new(vec![app("asleep", Some(1), &[])]);
+    source.long_poll.store(true, Ordering::SeqCst);
+    // A long fallback interval: the table can only change by long-poll.
+    let router = TestRouter::start_with(
+        source.clone(),
+        Duration::from_secs(10),
+        Duration::from_secs(60),
+    )
+    .await;
+    let c = client();
+    // Let the router's first long-poll pick up the table.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fetches_before = source.fetches();
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let c = c.clone();
+        let url = router.url("/x");
+        held.push(tokio::spawn(async move {
+            send(&c, get(&url, Some("asleep.localhost"))).await
+        }));
+    }
+    // One wake-up report for all of them, sent at once.
+    within("wake report", async {
+        while wake_reports(&source, "asleep") == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(wake_reports(&source, "asleep"), 1);
+    assert_eq!(router.load.in_flight().get("asleep"), Some(&20));
+    // The instance is ready: the long-poll delivers it and every held
+    // request goes through at once, without polling the source.
+    let ready_at = Instant::now();
+    source.set(vec![app("asleep", Some(1), &[("i-1", up.addr)])]);
+    for h in held {
+        let resp = within("held request", h).await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let took = ready_at.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "held requests waited {took:?} after the change"
+    );
+    assert!(
+        source.fetches() - fetches_before <= 1,
+        "held requests polled the source {} times although the long-poll works",
+        source.fetches() - fetches_before
+    );
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn demand_is_reported_while_busy_and_once_when_idle() {
+    let up = upstream("busy").await;
+    let source = FakeSource::new(vec![app("busy", Some(1), &[("i-1", up.addr)])]);
+    let router = TestRouter::start(source.clone(), Duration::from_secs(5)).await;
+    let c = client();
+    for _ in 0..5 {
+        let resp = send(&c, get(&router.url("/"), Some("busy.localhost"))).await;
+        assert_eq!(resp.status(), 200);
+        text(resp).await;
+    }
+    // Within a report interval: one report counting the 5 requests.
+    let report = within("demand report", async {
+        loop {
+            let found = source
+                .reports()
+                .into_iter()
+                .flat_map(|r| r.apps)
+                .find(|a| a.app == "busy" && a.requests > 0);
+            if let Some(a) = found {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(report.requests, 5);
+    assert!(report.peak >= 1);
+    assert_eq!(report.instances.len(), 1);
+    assert_eq!(report.instances[0].instance, "i-1");
+    // Idle: one more (all zero) report, then silence.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let n = source.reports().len();
+    let last = source.reports().last().cloned().unwrap();
+    assert_eq!(last.apps[0].requests, 0);
+    assert_eq!(last.apps[0].concurrency, 0.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(source.reports().len(), n, "an idle app is not reported");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn per_app_limits_on_concurrency_and_body_size() {
+    let up = upstream("limited").await;
+    let source = FakeSource::new(vec![app("limited", Some(1), &[("i-1", up.addr)])]);
+    source.set_limits(
+        "limited",
+        stead_api::AppLimits {
+            max_concurrency: Some(1),
+            max_body_bytes: Some(10),
+            target_concurrency: Some(100),
+        },
+    );
+    let router = TestRouter::start(source.clone(), Duration::from_secs(5)).await;
+    let c = client();
+    // A declared length over the limit: 413 at once, nothing forwarded.
+    let hits = up.hits.load(Ordering::SeqCst);
+    let req = Request::post(router.url("/upload"))
+        .header("host", "limited.localhost")
+        .body(TestBody::text("x".repeat(20)))
+        .unwrap();
+    let resp = send(&c, req).await;
+    assert_eq!(resp.status(), 413);
+    assert_eq!(error_body(resp).await.error, "request_too_large");
+    assert_eq!(up.hits.load(Ordering::SeqCst), hits);
+    // A streamed body that goes over: cut off, 413.
+    let (tx, body) = TestBody::channel();
+    let req = Request::post(router.url("/upload"))
+        .header("host", "limited.localhost")
+        .body(body)
+        .unwrap();
+    let pending = tokio::spawn({
+        let c = c.clone();
+        async move { send(&c, req).await }
+    });
+    tx.send(Bytes::from_static(b"12345678")).await.unwrap();
+    let _ = tx.send(Bytes::from_static(b"12345678")).await;
+    drop(tx);
+    let resp = within("streamed upload", pending).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    // Within the limit: fine.
+    let req = Request::post(router.url("/upload"))
+        .header("host", "limited.localhost")
+        .body(TestBody::text("small"))
+        .unwrap();
+    let resp = send(&c, req).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(text(resp).await, "5");
+    // One request in flight (held open by /stream): the next one is refused.
+    let first = send(&c, get(&router.url("/stream"), Some("limited.localhost"))).await;
+    assert_eq!(first.status(), 200);
+    let resp = send(&c, get(&router.url("/"), Some("limited.localhost"))).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(error_body(resp).await.error, "app_overloaded");
+    up.gate.notify_waiters();
+    text(first).await;
+    let resp = send(&c, get(&router.url("/"), Some("limited.localhost"))).await;
+    assert_eq!(resp.status(), 200);
+    let metrics = text(send(&c, get(&router.url("/metrics"), None)).await).await;
+    assert!(
+        metrics.contains("stead_router_limited_requests_total{app=\"limited\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("stead_router_instance_outstanding{app=\"limited\",instance=\"i-1\"}"),
+        "{metrics}"
+    );
+    router.shutdown().await;
 }

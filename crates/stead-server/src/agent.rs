@@ -2,7 +2,7 @@
 //! back), run builds under leases, ship logs and move blobs; routers read
 //! the route table.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -12,14 +12,13 @@ use axum::Json;
 use stead_api::{
     BuildComplete, BuildLogAppend, BuildTask, ClaimRequest, ClaimResponse, ErrorBody,
     HeartbeatRequest, HeartbeatResponse, InstanceLogBatch, IntendedApp, IntendedHostState,
-    LeaseRequest, LeaseResponse, RegisterRequest, RegisterResponse, RouteTable, RunSpec,
-    VersionInfo,
+    LeaseRequest, LeaseResponse, RegisterRequest, RegisterResponse, RunSpec, VersionInfo,
 };
 use stead_store::CompleteOutcome;
 
 use crate::auth::HostAuth;
 use crate::error::{ApiError, ApiJson, ApiPath};
-use crate::placement::{desired_count, place};
+use crate::placement::place;
 use crate::AppState;
 
 #[utoipa::path(post, path = "/v1/agent/register", tag = "agent", security(("bearer" = [])),
@@ -67,6 +66,10 @@ async fn env_for(
     })?;
     env.insert("STEAD_APP".into(), app.to_string());
     env.insert("STEAD_VERSION".into(), version.to_string());
+    if let Some(db) = state.store.app_database(app_id).await? {
+        env.insert("DBOS_SYSTEM_DATABASE_URL".into(), db.system_url.clone());
+        env.insert("DBOS_DATABASE_URL".into(), db.app_url.clone());
+    }
     Ok(env)
 }
 
@@ -85,40 +88,190 @@ pub(crate) async fn heartbeat(
         .heartbeat(&req.host_id, &req.session, &req.instances)
         .await?;
     state.changed();
-    let alive = state
-        .store
-        .alive_host_ids(state.config.host_timeout)
+    crate::scaling::record_heartbeat_signals(&state, &req).await;
+    // Long-poll: held (up to `wait_ms`) while the intended state is still
+    // the one the agent has, so a change reaches it within milliseconds.
+    let wait = std::time::Duration::from_millis(req.wait_ms);
+    let (intended, etag) =
+        crate::scaling::long_poll(&state, req.known.as_deref(), wait, || async {
+            let alive = state
+                .store
+                .alive_host_ids(state.config.host_timeout)
+                .await?;
+            let intended = match alive.iter().position(|h| h == &req.host_id) {
+                Some(me) => intended_for_host(&state, &req.host_id, me, alive.len()).await?,
+                None => IntendedHostState::default(),
+            };
+            let etag = crate::scaling::etag(&intended);
+            Ok((intended, etag))
+        })
         .await?;
-    let Some(me) = alive.iter().position(|h| h == &req.host_id) else {
-        return Ok(Json(HeartbeatResponse {
-            intended: IntendedHostState::default(),
-        }));
-    };
-    let mut intended = IntendedHostState::default();
-    for app in state.store.active_apps().await? {
-        let counts = place(desired_count(app.min, app.max), alive.len());
-        let count = counts.get(me).copied().unwrap_or(0);
-        if count == 0 {
-            continue;
-        }
-        let env = env_for(&state, app.app_id, &app.name, app.version).await?;
-        intended.apps.push(IntendedApp {
-            app: app.name.clone(),
-            app_id: app.app_id.to_string(),
-            version: app.version,
-            count,
-            artifact_hash: app.artifact_hash.clone(),
-            run: RunSpec {
-                start: app.config.start.clone(),
-                port: app.config.port,
-                health: app.config.health.clone(),
-                memory_mb: app.config.memory_mb,
-                grace_s: app.config.grace_s,
-            },
-            env,
-        });
+    Ok(Json(HeartbeatResponse {
+        intended,
+        etag: Some(etag),
+    }))
+}
+
+fn run_spec(config: &stead_api::AppConfig) -> RunSpec {
+    RunSpec {
+        start: config.start.clone(),
+        port: config.port,
+        health: config.health.clone(),
+        memory_mb: config.memory_mb,
+        grace_s: config.grace_s,
+        language: config.language.clone(),
+        health_timeout_s: config.health_timeout_s,
+        admin_port: Some(config.admin_port),
     }
-    Ok(Json(HeartbeatResponse { intended }))
+}
+
+/// What one host should run: every app's active version (and target, while
+/// it starts), spread over the alive hosts; old versions that still own
+/// workflows (kept, or started again, until they drain); and the recovery
+/// orders this host's instances must carry out.
+async fn intended_for_host(
+    state: &AppState,
+    host_id: &str,
+    me: usize,
+    hosts: usize,
+) -> Result<IntendedHostState, ApiError> {
+    let mut intended = IntendedHostState::default();
+    let mut by_app: BTreeMap<i64, Vec<stead_store::ActiveApp>> = BTreeMap::new();
+    for a in state.store.active_apps().await? {
+        by_app.entry(a.app_id).or_default().push(a);
+    }
+    let mut app_ids: Vec<i64> = by_app.keys().copied().collect();
+    for a in state.store.apps_with_databases().await? {
+        if !app_ids.contains(&a.id) {
+            app_ids.push(a.id);
+        }
+    }
+    let now = stead_store::now_ms();
+    let scale = crate::scaling::evaluate(state).await?;
+    if scale.changed {
+        state.changed();
+    }
+    for app_id in app_ids {
+        let Some(rec) = state.store.app_by_id(app_id).await? else {
+            continue;
+        };
+        let entries = by_app.remove(&app_id).unwrap_or_default();
+        let db = state.store.app_database(app_id).await?;
+        let instances = state.store.app_instances(app_id).await?;
+        let plan = match &db {
+            Some(_) => {
+                let dead = state.store.dead_executors(app_id).await?;
+                let work = state.store.version_work(app_id).await?;
+                let mut modes = HashMap::new();
+                for d in &dead {
+                    if let Some(v) = state.store.get_version(app_id, d.version).await? {
+                        modes.insert(d.version, v.config.recovery.clone());
+                    }
+                }
+                crate::dbos::plan(
+                    rec.active_version,
+                    rec.target_version,
+                    &instances,
+                    &work,
+                    &dead,
+                    &modes,
+                    now,
+                )
+            }
+            None => crate::dbos::Plan::default(),
+        };
+        let mine = |version: u32| {
+            instances
+                .iter()
+                .filter(|i| {
+                    i.host_id == host_id
+                        && i.version == version
+                        && i.state != stead_api::InstanceState::Exited
+                })
+                .collect::<Vec<_>>()
+        };
+        let admin_orders = |version: u32| -> Vec<String> {
+            let here = mine(version)
+                .iter()
+                .any(|i| i.state == stead_api::InstanceState::Ready && i.dbos_admin);
+            if here {
+                plan.admin.get(&version).cloned().unwrap_or_default()
+            } else {
+                Vec::new()
+            }
+        };
+        let mut push = |name: &str,
+                        version: u32,
+                        count: u32,
+                        artifact: &str,
+                        config: &stead_api::AppConfig,
+                        env: BTreeMap<String, String>,
+                        draining: bool| {
+            let expose = db
+                .as_ref()
+                .map(|d| crate::dbos::expose_for(state, d))
+                .unwrap_or_default();
+            intended.apps.push(IntendedApp {
+                app: name.to_string(),
+                app_id: app_id.to_string(),
+                version,
+                count,
+                artifact_hash: artifact.to_string(),
+                run: run_spec(config),
+                env,
+                expose,
+                draining,
+                recover_via_admin: admin_orders(version),
+                reuse_executor_ids: plan.reuse.get(&version).cloned().unwrap_or_default(),
+            });
+        };
+        for app in &entries {
+            let counts = place(
+                scale.count(app.app_id, app.version, app.min, app.max),
+                hosts,
+            );
+            let count = counts.get(me).copied().unwrap_or(0);
+            if count == 0 {
+                continue;
+            }
+            let env = env_for(state, app.app_id, &app.name, app.version).await?;
+            push(
+                &app.name,
+                app.version,
+                count,
+                &app.artifact_hash,
+                &app.config,
+                env,
+                false,
+            );
+        }
+        for &version in plan.draining.keys() {
+            let Some(v) = state.store.get_version(app_id, version).await? else {
+                continue;
+            };
+            let Some(artifact) = v.artifact_hash.clone() else {
+                continue;
+            };
+            let live_anywhere = instances
+                .iter()
+                .filter(|i| i.version == version && i.state != stead_api::InstanceState::Exited)
+                .count();
+            // Keep what runs; with nothing left anywhere, the first host
+            // starts one so the version's work can finish.
+            let here = mine(version).len() as u32;
+            let count = if live_anywhere == 0 && me == 0 {
+                1
+            } else {
+                here
+            };
+            if count == 0 {
+                continue;
+            }
+            let env = env_for(state, app_id, &rec.name, version).await?;
+            push(&rec.name, version, count, &artifact, &v.config, env, true);
+        }
+    }
+    Ok(intended)
 }
 
 async fn check_session(state: &AppState, host_id: &str, session: &str) -> Result<(), ApiError> {
@@ -163,7 +316,19 @@ pub(crate) async fn claim(
         host = req.host_id,
         "build claimed"
     );
-    let env = env_for(&state, t.app_id, &t.app, t.version).await?;
+    let mut env = env_for(&state, t.app_id, &t.app, t.version).await?;
+    // Builds (migrations) run on the host's network, so they get the
+    // database's real address rather than the in-sandbox one.
+    if let Some(db) = state.store.app_database(t.app_id).await? {
+        env.insert(
+            "DBOS_SYSTEM_DATABASE_URL".into(),
+            crate::dbos::platform_url(&state, &db, true),
+        );
+        env.insert(
+            "DBOS_DATABASE_URL".into(),
+            crate::dbos::platform_url(&state, &db, false),
+        );
+    }
     Ok(Json(ClaimResponse {
         task: Some(BuildTask {
             id: t.id,
@@ -177,6 +342,7 @@ pub(crate) async fn claim(
             memory_mb: t.config.memory_mb,
             lease_expires_at_ms: t.lease_expires_at_ms,
             attempt: t.attempt,
+            language: t.config.language.clone(),
         }),
     }))
 }
@@ -371,13 +537,4 @@ pub(crate) async fn instance_logs(
         .await?;
     state.changed();
     Ok(Json(serde_json::json!({"accepted": accepted})))
-}
-
-#[utoipa::path(get, path = "/v1/routes", tag = "agent", security(("bearer" = [])),
-    responses((status = 200, body = RouteTable), (status = 403, body = ErrorBody)))]
-pub(crate) async fn routes(
-    State(state): State<AppState>,
-    _auth: HostAuth,
-) -> Result<Json<RouteTable>, ApiError> {
-    Ok(Json(state.store.routes(state.config.host_timeout).await?))
 }

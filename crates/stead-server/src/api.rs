@@ -120,7 +120,8 @@ fn app_url(state: &AppState, app: &str) -> Option<String> {
     Some(format!("{scheme}://{app}.{}{port}", state.config.domain))
 }
 
-async fn app_status(state: &AppState, app: &AppRecord) -> Result<AppStatus, ApiError> {
+pub(crate) async fn app_status(state: &AppState, app: &AppRecord) -> Result<AppStatus, ApiError> {
+    let autoscale = crate::scaling::app_scale(state, app.id).await?;
     Ok(AppStatus {
         name: app.name.clone(),
         org: app.org.clone(),
@@ -134,6 +135,12 @@ async fn app_status(state: &AppState, app: &AppRecord) -> Result<AppStatus, ApiE
         instances: state.store.app_instances(app.id).await?,
         url: app_url(state, &app.name),
         created_at_ms: app.created_at_ms,
+        rollout: state
+            .store
+            .latest_rollout(app.id)
+            .await?
+            .map(|r| crate::workflows::rollout_info(&app.name, &r)),
+        autoscale,
     })
 }
 
@@ -244,19 +251,28 @@ fn mib(bytes: u64) -> String {
     format!("{} MiB", bytes / (1024 * 1024))
 }
 
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub(crate) struct DeployQuery {
+    /// Build the version but do not promote it: a rollout will.
+    #[serde(default)]
+    hold: bool,
+}
+
 #[utoipa::path(post, path = "/v1/apps/{app}/deploy", tag = "apps", security(("bearer" = [])),
-    params(("app" = String, Path, description = "App name; must match the name in the bundle's config"),
-           ("idempotency-key" = Option<String>, Header, description = "Retrying with the same key returns the same version")),
+    params(("app" = String, Path, description = "App name; overrides the name in the bundle's config"),
+           ("idempotency-key" = Option<String>, Header, description = "Retrying with the same key returns the same version"),
+           DeployQuery),
     request_body(content = Vec<u8>, content_type = "application/zstd", description = "The bundle: a tar archive compressed with zstd"),
     responses((status = 201, body = DeployResponse, description = "Version created, build queued"),
               (status = 200, body = DeployResponse, description = "Replay of an earlier deploy with the same idempotency key"),
-              (status = 400, body = ErrorBody, description = "invalid_bundle, invalid_config, name_mismatch"),
+              (status = 400, body = ErrorBody, description = "invalid_bundle, invalid_config"),
               (status = 409, body = ErrorBody, description = "name_taken"),
               (status = 413, body = ErrorBody)))]
 pub(crate) async fn deploy(
     State(state): State<AppState>,
     auth: UserAuth,
     ApiPath(app): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DeployQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<DeployResponse>), ApiError> {
@@ -324,19 +340,16 @@ pub(crate) async fn deploy(
             format!("the bundle for app {app} was rejected: {e}"),
         )
     })?;
-    let config = AppConfig::from_files(
+    let mut config = AppConfig::from_files(
         inspection.stead_toml.as_deref(),
         inspection.dbos_config.as_deref(),
     )
     .map_err(|e| ApiError::bad_request("invalid_config", format!("app {app}: {e}")))?;
+    // The URL's name wins (`stead deploy --app NAME`); the config's name is
+    // only the CLI's default.
     if config.name != app {
-        return Err(ApiError::bad_request(
-            "name_mismatch",
-            format!(
-                "the bundle's {} names the app {:?} but it was deployed as {app}; deploy it as {} or change the name",
-                config.source, config.name, config.name
-            ),
-        ));
+        tracing::info!(app, config_name = %config.name, "deploying under a name other than the config's");
+        config.name = app.clone();
     }
     let data = tokio::fs::read(upload.file.path())
         .await
@@ -352,9 +365,14 @@ pub(crate) async fn deploy(
             bundle_size: upload.size,
             config,
             idempotency_key: key,
+            hold: query.hold,
         })
         .await?;
     failpoint("after_version");
+    // The app's databases exist before its build runs its migrations.
+    if let Some(rec) = state.store.find_app(&app).await? {
+        crate::dbos::ensure_database(&state, rec.id, &app).await?;
+    }
     let r = outcome.response;
     if r.replayed {
         return Ok((StatusCode::OK, Json(r)));

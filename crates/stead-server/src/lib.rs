@@ -7,9 +7,14 @@
 mod agent;
 mod api;
 mod auth;
+pub mod autoscale;
+mod dbos;
 mod error;
+mod metrics;
 mod openapi;
 pub mod placement;
+mod scaling;
+mod workflows;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,6 +30,7 @@ use axum::Router;
 use stead_store::Store;
 use tokio::sync::Notify;
 
+pub use dbos::{mask_password, AppDatabases};
 pub use error::ApiError;
 pub use openapi::openapi_json;
 
@@ -49,6 +55,8 @@ pub struct ServerConfig {
     pub limits: stead_bundle::Limits,
     /// Largest blob (build artifact) an agent may upload.
     pub max_blob: u64,
+    /// Where apps' databases are provisioned.
+    pub app_databases: AppDatabases,
 }
 
 impl ServerConfig {
@@ -56,7 +64,7 @@ impl ServerConfig {
         ServerConfig {
             database_url,
             listen,
-            data_dir,
+            data_dir: data_dir.clone(),
             secret_key: None,
             router_url: None,
             domain: "localhost".to_string(),
@@ -64,6 +72,9 @@ impl ServerConfig {
             build_lease: Duration::from_secs(30),
             limits: stead_bundle::Limits::default(),
             max_blob: 1024 * 1024 * 1024,
+            app_databases: AppDatabases::Sqlite {
+                dir: data_dir.join("appdb"),
+            },
         }
     }
 }
@@ -99,6 +110,8 @@ pub(crate) struct AppState {
     /// build completion, instance logs); waiters then re-query.
     pub changes: Arc<Notify>,
     pub shutting_down: Arc<AtomicBool>,
+    /// Open app system databases (a cache; nothing in it matters).
+    pub pools: Arc<dbos::Pools>,
 }
 
 impl AppState {
@@ -158,6 +171,7 @@ impl Server {
                 config: Arc::new(config),
                 changes: Arc::new(Notify::new()),
                 shutting_down: Arc::new(AtomicBool::new(false)),
+                pools: Arc::new(dbos::Pools::default()),
             },
             addr,
         })
@@ -181,6 +195,7 @@ impl Server {
         let router = router(self.state);
         let flag = state.shutting_down.clone();
         let changes = state.changes.clone();
+        let background = tokio::spawn(dbos::run_loop(state.clone(), state.pools.clone()));
         axum::serve(self.listener, router)
             .with_graceful_shutdown(async move {
                 shutdown.await;
@@ -188,7 +203,9 @@ impl Server {
                 changes.notify_waiters();
             })
             .await
-            .map_err(ServerError::Serve)
+            .map_err(ServerError::Serve)?;
+        background.abort();
+        Ok(())
     }
 }
 
@@ -245,6 +262,18 @@ fn router(state: AppState) -> Router {
         .route("/apps/{app}/env/{key}", delete(api::unset_env))
         .route("/apps/{app}/logs", get(api::logs))
         .route("/apps/{app}/events", get(api::events))
+        .route("/apps/{app}/database", get(workflows::database))
+        .route("/apps/{app}/workflows", get(workflows::list))
+        .route("/apps/{app}/workflows/{id}", get(workflows::get))
+        .route("/apps/{app}/workflows/{id}/steps", get(workflows::steps))
+        .route("/apps/{app}/workflows/{id}/cancel", post(workflows::cancel))
+        .route("/apps/{app}/workflows/{id}/resume", post(workflows::resume))
+        .route("/apps/{app}/workflows/{id}/fork", post(workflows::fork))
+        .route(
+            "/apps/{app}/rollouts",
+            get(workflows::get_rollout).post(workflows::start_rollout),
+        )
+        .route("/agent/recovered", post(workflows::recovered))
         .route("/hosts", get(api::list_hosts))
         .route("/agent/register", post(agent::register))
         .route("/agent/heartbeat", post(agent::heartbeat))
@@ -254,9 +283,12 @@ fn router(state: AppState) -> Router {
         .route("/agent/builds/{id}/complete", post(agent::complete))
         .route("/agent/logs", post(agent::instance_logs))
         .route("/blobs/{hash}", get(agent::get_blob).put(agent::put_blob))
-        .route("/routes", get(agent::routes));
+        .route("/routes", get(scaling::routes))
+        .route("/router/demand", post(scaling::demand))
+        .route("/apps/{app}/scale", post(scaling::set_scale));
     Router::new()
         .nest("/v1", api)
+        .route("/metrics", get(metrics::serve))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -274,5 +306,6 @@ fn router(state: AppState) -> Router {
         // JSON bodies (log batches, heartbeats) may be large but not unbounded;
         // bundles and blobs are streamed and limited by their own settings.
         .layer(DefaultBodyLimit::max(32 * 1024 * 1024))
+        .layer(axum::middleware::from_fn(metrics::track))
         .with_state(state)
 }

@@ -6,7 +6,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{agent, api, workflows};
+use crate::{agent, api, scaling, workflows};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,7 +17,8 @@ use crate::{agent, api, workflows};
         api::list_versions, api::get_version, api::build_log, api::rollback, api::list_env, api::set_env,
         api::unset_env, api::logs, api::events, api::list_hosts,
         agent::register, agent::heartbeat, agent::claim, agent::renew, agent::append_log, agent::complete,
-        agent::get_blob, agent::put_blob, agent::instance_logs, agent::routes,
+        agent::get_blob, agent::put_blob, agent::instance_logs, scaling::routes, scaling::demand,
+        scaling::set_scale,
         workflows::database, workflows::list, workflows::get, workflows::steps, workflows::cancel,
         workflows::resume, workflows::fork, workflows::start_rollout, workflows::get_rollout,
         workflows::recovered,

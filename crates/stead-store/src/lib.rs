@@ -13,6 +13,7 @@ mod crypto;
 mod dbos;
 mod hosts;
 mod migrate;
+mod scale;
 mod tokens;
 
 #[cfg(feature = "testing")]
@@ -27,6 +28,9 @@ pub use apps::{AppRecord, DeployOutcome, NewVersion};
 pub use builds::{ClaimedTask, CompleteOutcome};
 pub use dbos::{AppDatabase, DeadExecutor, Rollout, RolloutStep, VersionWork};
 pub use hosts::{ActiveApp, HostRecord};
+pub use scale::{
+    DemandKind, DemandSample, NewDemand, ScaleApp, ScaleInputs, ScaleStateRow, DEMAND_RETENTION,
+};
 pub use tokens::{hash_token, looks_like_token, Principal};
 
 /// Which database the store talks to; only migrations and connection setup
