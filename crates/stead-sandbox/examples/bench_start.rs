@@ -168,15 +168,30 @@ async fn sandboxed(sb: &Sandboxes, backend: Backend, n: usize, app: &Path) -> Re
     r.map(|()| d)
 }
 
-fn mem_available_kib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+/// What a memory cgroup is charged, page cache excluded, KiB (v1 or v2).
+fn charge_kib(dir: &Path) -> u64 {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let stat = read("memory.stat");
+    let key = |k: &str| {
+        stat.lines()
+            .find_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next()? == k).then(|| it.next()?.parse::<u64>().ok())?
+            })
+            .unwrap_or(0)
+    };
+    let (usage, cache): (u64, u64) = if dir.join("memory.current").exists() {
+        (
+            read("memory.current").trim().parse().unwrap_or(0),
+            key("file"),
+        )
+    } else {
+        (
+            read("memory.usage_in_bytes").trim().parse().unwrap_or(0),
+            key("cache"),
+        )
+    };
+    usage.saturating_sub(cache) / 1024
 }
 
 /// Proportional set size of a process, KiB.
@@ -199,11 +214,6 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-async fn settle() -> u64 {
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    mem_available_kib()
-}
-
 async fn run() -> Res<()> {
     let tmp = std::env::temp_dir().join(format!("stead-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
@@ -214,13 +224,17 @@ async fn run() -> Res<()> {
     println!(
         "start-to-ready of examples/hello-rust (GET /healthz = 200), median of {STARTS} starts"
     );
-    let mut rows: Vec<(String, Duration)> = Vec::new();
-    let mut d = Vec::new();
-    for _ in 0..STARTS {
-        d.push(direct(&bin, &app).await?);
-    }
-    let direct_median = median(d);
-    rows.push(("direct (no sandbox)".into(), direct_median));
+    // Each backend's starts are interleaved with direct starts (direct,
+    // sandboxed, direct, ...), so that a load that comes and goes on the
+    // machine weighs on both alike. BENCH_PAUSE_MS (default 0) waits
+    // between a stop and the next start.
+    let pause = Duration::from_millis(
+        std::env::var("BENCH_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
+    let mut rows: Vec<(String, Duration, Duration, Duration)> = Vec::new();
     for backend in [Backend::Process, Backend::Gvisor] {
         if !backends.contains(&backend) {
             println!("{backend}: not available on this host (runsc missing)");
@@ -228,29 +242,66 @@ async fn run() -> Res<()> {
         }
         // One warm-up start (page cache, runsc's first run).
         sandboxed(&sb, backend, 999, &app).await?;
-        let mut d = Vec::new();
+        let (mut d, mut r) = (Vec::new(), Vec::new());
         for n in 0..STARTS {
-            d.push(sandboxed(&sb, backend, n, &app).await?);
+            tokio::time::sleep(pause).await;
+            d.push(direct(&bin, &app).await?);
+            tokio::time::sleep(pause).await;
+            r.push(sandboxed(&sb, backend, n, &app).await?);
         }
-        rows.push((format!("{backend} backend"), median(d)));
+        let min = *r.iter().min().unwrap_or(&Duration::ZERO);
+        rows.push((format!("{backend} backend"), median(r), min, median(d)));
     }
-    println!("| how | median start-to-ready | overhead vs direct |");
-    println!("|---|---|---|");
-    for (name, m) in &rows {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "load average during the run: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "| backend | median start-to-ready | direct, interleaved (median) | overhead | fastest sandboxed start |"
+    );
+    println!("|---|---|---|---|---|");
+    for (name, m, min, direct_median) in &rows {
         println!(
-            "| {name} | {} | {} |",
+            "| {name} | {} | {} | **{}** | {} |",
             ms(*m),
-            ms(m.saturating_sub(direct_median))
+            ms(*direct_median),
+            ms(m.saturating_sub(*direct_median)),
+            ms(*min)
         );
     }
 
-    // Memory per idle instance: MemAvailable with N idle apps run directly
-    // vs N idle apps in process sandboxes, and the sandbox inits' PSS.
-    let base = settle().await;
+    // Memory per idle instance: the memory cgroup's charge (everything but
+    // page cache: the processes' own pages and the kernel's objects for
+    // them) of an idle app run directly in a cgroup of its own, against an
+    // idle app in a process sandbox (its cgroup holds the app, the two
+    // init processes, and the namespaces, mounts and tmpfs the kernel made
+    // for it). The difference is what the platform adds.
+    let mut direct_kib = Vec::new();
     let mut kids = Vec::new();
+    let mut dirs = Vec::new();
+    let probe = sb.spawn(spec(&sb, Backend::Process, 998, &app)).await?;
+    let parent = probe
+        .cgroup()
+        .memory
+        .parent()
+        .ok_or("no cgroup parent")?
+        .to_path_buf();
+    probe.stop(Duration::from_secs(2)).await;
     for n in 0..IDLE_INSTANCES {
+        let dir = parent.join(format!("bench-direct-{n}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
         let port = 9000 + n as u16;
-        let c = tokio::process::Command::new(&bin)
+        let c = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec {}",
+                dir.display(),
+                bin.display()
+            ))
             .current_dir(&app)
             .env("PORT", port.to_string())
             .stdout(std::process::Stdio::null())
@@ -258,39 +309,58 @@ async fn run() -> Res<()> {
             .spawn()?;
         kids.push(c);
         wait_ready(|| TcpStream::connect(("127.0.0.1", port))).await?;
+        dirs.push(dir);
     }
-    let with_direct = settle().await;
-    drop(kids);
-    let base2 = settle().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for d in &dirs {
+        direct_kib.push(charge_kib(d));
+    }
+    for mut k in kids {
+        let _ = k.kill().await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for d in &dirs {
+        let _ = std::fs::remove_dir(d);
+    }
     let mut procs: Vec<SandboxProcess> = Vec::new();
     for n in 0..IDLE_INSTANCES {
         let p = sb.spawn(spec(&sb, Backend::Process, 100 + n, &app)).await?;
         wait_ready(|| p.connect(PORT)).await?;
         procs.push(p);
     }
-    let with_sandboxes = settle().await;
-    let mut init_pss = 0;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut sandboxed_kib = Vec::new();
+    let mut init_pss = Vec::new();
     for p in &procs {
-        init_pss += pss_kib(p.pid());
+        sandboxed_kib.push(charge_kib(&p.cgroup().memory));
+        let mut pss = pss_kib(p.pid());
         for c in children_of(p.pid()) {
-            init_pss += pss_kib(c); // pid 1 of the sandbox
+            pss += pss_kib(c); // pid 1 of the sandbox
         }
+        init_pss.push(pss);
     }
-    let per_direct = base.saturating_sub(with_direct) as f64 / IDLE_INSTANCES as f64;
-    let per_sandboxed = base2.saturating_sub(with_sandboxes) as f64 / IDLE_INSTANCES as f64;
+    let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
     println!();
-    println!("memory per idle instance ({IDLE_INSTANCES} instances, MemAvailable deltas):");
+    println!(
+        "memory per idle instance (mean of {IDLE_INSTANCES} idle instances; cgroup charge without page cache):"
+    );
     println!("| | KiB per instance |");
     println!("|---|---|");
-    println!("| app run directly | {per_direct:.0} |");
-    println!("| app in a process sandbox | {per_sandboxed:.0} |");
     println!(
-        "| platform overhead (difference) | {:.0} |",
-        per_sandboxed - per_direct
+        "| app run directly, in a cgroup of its own | {:.0} |",
+        mean(&direct_kib)
+    );
+    println!(
+        "| app in a process sandbox (its cgroup) | {:.0} |",
+        mean(&sandboxed_kib)
+    );
+    println!(
+        "| **platform overhead** (difference) | **{:.0}** |",
+        mean(&sandboxed_kib) - mean(&direct_kib)
     );
     println!(
         "| of which the sandbox's two init processes (PSS) | {:.0} |",
-        init_pss as f64 / IDLE_INSTANCES as f64
+        mean(&init_pss)
     );
     for p in &procs {
         p.stop(Duration::from_secs(2)).await;

@@ -718,8 +718,51 @@ fn parent_gone(lifeline: &OwnedFd) -> bool {
 
 /// What the command's exec needs, built before forking it.
 struct Exec {
+    /// A command without shell syntax, resolved to a file: executed
+    /// directly, saving a shell's start (`sh -c` would only exec it).
+    direct: Option<(CString, Vec<CString>)>,
     argv: Vec<CString>,
     envp: Vec<CString>,
+}
+
+/// Words a simple command's first word may not be: they mean something to
+/// the shell (builtins, keywords).
+const SHELL_WORDS: &[&str] = &[
+    "exec", "cd", "export", "unset", "set", "if", "then", "for", "while", "until", "case", "do",
+    "done", "fi", "esac", "in", "function", ".", "source", "eval", "trap", "ulimit", "umask",
+    "wait", "read", "readonly", "shift", "return", "exit", "break", "continue", "alias", "test",
+    "[", "echo", "printf", "true", "false", ":", "command", "type", "hash", "times", "local",
+    "kill", "jobs", "fg", "bg", "getopts",
+];
+
+/// The words of `command` when it has no shell syntax at all (no quotes,
+/// variables, redirections, operators, globs, assignments, comments).
+pub(crate) fn simple_words(command: &str) -> Option<Vec<&str>> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "._-/:,+@%".contains(c);
+    if !command.chars().all(|c| plain(c) || c == ' ') {
+        return None;
+    }
+    let words: Vec<&str> = command.split(' ').filter(|w| !w.is_empty()).collect();
+    let first = *words.first()?;
+    (!SHELL_WORDS.contains(&first)).then_some(words)
+}
+
+/// Where execvp would find `program`: as is when it has a slash, else the
+/// first executable file of that name on `path`.
+fn resolve(program: &str, path: &str) -> Option<String> {
+    let executable = |p: &str| {
+        CString::new(p)
+            // SAFETY: access(2) on a valid C string.
+            .map(|c| unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        return Some(program.to_owned());
+    }
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| format!("{}/{program}", d.trim_end_matches('/')))
+        .find(|p| executable(p) && !std::path::Path::new(p).is_dir())
 }
 
 const SHELL: &str = "/bin/sh";
@@ -734,12 +777,25 @@ fn prepare_exec(cfg: &InitConfig) -> Result<Exec, InitError> {
         CString::new("-c").map_err(|_| nul("argv"))?,
         CString::new(cfg.command.as_str()).map_err(|_| nul("the command"))?,
     ];
+    // Resolved here, in pid 1, which already sees the sandbox's root as the
+    // app's user; relative paths are relative to the cwd, which the
+    // command's process enters before exec.
+    let direct = simple_words(&cfg.command).and_then(|words| {
+        let path = cfg.env.get("PATH").map(String::as_str).unwrap_or("");
+        let program = if words[0].contains('/') && !words[0].starts_with('/') {
+            Some(cfg.cwd.join(words[0]).display().to_string())
+        } else {
+            resolve(words[0], path)
+        }?;
+        let args: Option<Vec<CString>> = words.iter().map(|w| CString::new(*w).ok()).collect();
+        Some((CString::new(program).ok()?, args?))
+    });
     let envp = cfg
         .env
         .iter()
         .map(|(k, v)| CString::new(format!("{k}={v}")).map_err(|_| nul(&format!("env var {k}"))))
         .collect::<Result<_, _>>()?;
-    Ok(Exec { argv, envp })
+    Ok(Exec { direct, argv, envp })
 }
 
 fn pid1_setup(
@@ -885,6 +941,11 @@ fn run_command(cfg: &InitConfig, exec: &Exec, filters: &[seccompiler::BpfProgram
             // Last: the filter also applies to what we would call next.
             confine::lock_down(filters).ctx("no_new_privs and seccomp")?;
         }
+        if let Some((program, args)) = &exec.direct {
+            // On failure (not an executable after all, say) the shell
+            // gets the command and says what is wrong with it.
+            let _ = nix::unistd::execve(program, args, &exec.envp);
+        }
         nix::unistd::execve(&shell, &exec.argv, &exec.envp).ctx(format!("executing {SHELL}"))
     })();
     match r {
@@ -921,6 +982,39 @@ mod tests {
         assert_eq!(parse_args(&a(&["x", "serve", "5", "7"])), None);
         assert_eq!(parse_args(&a(&["x", INIT_SUBCOMMAND, "1", "7"])), None);
         assert_eq!(parse_args(&a(&["x", INIT_SUBCOMMAND, "5"])), None);
+    }
+
+    #[test]
+    fn simple_commands_skip_the_shell() {
+        assert_eq!(
+            simple_words("./target/release/hello"),
+            Some(vec!["./target/release/hello"])
+        );
+        assert_eq!(
+            simple_words("python3  app.py --port 80"),
+            Some(vec!["python3", "app.py", "--port", "80"])
+        );
+        for shell in [
+            "exec python3 app.py",
+            "echo $HOME",
+            "a && b",
+            "a | b",
+            "A=1 b",
+            "cd x; y",
+            "x > f",
+            "'q'",
+            "a*",
+            "",
+            "  ",
+        ] {
+            assert_eq!(simple_words(shell), None, "{shell}");
+        }
+        assert_eq!(resolve("./x", "/bin").as_deref(), Some("./x"));
+        assert_eq!(
+            resolve("sh", "/nonexistent:/bin").as_deref(),
+            Some("/bin/sh")
+        );
+        assert_eq!(resolve("no-such-program-here", "/bin:/usr/bin"), None);
     }
 
     #[test]
