@@ -675,6 +675,11 @@ pub fn seccomp_filters(
     use seccompiler::{
         SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
     };
+    // The filter checks the architecture too: a call made through another
+    // ABI (x32, i386 on x86_64) does not match and is killed.
+    #[cfg(target_arch = "aarch64")]
+    let arch = seccompiler::TargetArch::aarch64;
+    #[cfg(not(target_arch = "aarch64"))]
     let arch = seccompiler::TargetArch::x86_64;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (_, nr) in DENIED_SYSCALLS {
