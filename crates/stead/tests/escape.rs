@@ -450,3 +450,65 @@ fn escape_suite_gvisor() {
     );
     run_suite("gvisor");
 }
+
+/// `[run] sandbox` and `[run] egress` of an app are honoured on a host
+/// whose default is the process backend, and egress opens nothing of the
+/// platform or the host.
+#[test]
+fn per_app_sandbox_and_egress() {
+    assert!(
+        stead_sandbox::find_runsc().is_some(),
+        "runsc is not installed"
+    );
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dev = Dev::start(tmp.path());
+    let app = tmp.path().join("hostile");
+    copy_dir(&repo_root().join("crates/stead/tests/apps/hostile"), &app);
+    let toml = std::fs::read_to_string(app.join("stead.toml")).expect("toml");
+    std::fs::write(
+        app.join("stead.toml"),
+        toml.replace("[run]\n", "[run]\nsandbox = \"gvisor\"\negress = true\n"),
+    )
+    .expect("toml");
+    deploy(&dev, &app);
+    let (status, _, body) = dev.get("hostile", "/whoami");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    assert_ne!(v["kernel"], host_kernel.trim(), "runs under gVisor: {v}");
+    assert!(
+        v["routes"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|i| i == "eth0")),
+        "egress gives it a route out: {v}"
+    );
+    let mut s = Suite {
+        dev: &dev,
+        backend: "gvisor+egress",
+        attempts: 0,
+        contained: 0,
+        failures: Vec::new(),
+    };
+    let (_l1, loopback_port) = host_service("127.0.0.1:0");
+    let (_l2, any_port) = host_service("0.0.0.0:0");
+    let mut targets = vec![
+        format!("127.0.0.1:{}", dev.api_port),
+        format!("127.0.0.1:{}", dev.router_port),
+        format!("127.0.0.1:{loopback_port}"),
+        // The host end of the first egress link (the host itself).
+        "10.213.0.1:22".to_string(),
+    ];
+    if let Some(ip) = host_address() {
+        assert!(reachable_from_host(&format!("{ip}:{any_port}")));
+        targets.push(format!("{ip}:{any_port}"));
+        targets.push(format!("{ip}:{}", dev.router_port));
+    }
+    for t in &targets {
+        s.attempt("connect", &format!("targets={}", urlencode(t)));
+    }
+    println!(
+        "per-app gvisor + egress: {} attempts, {} contained",
+        s.attempts, s.contained
+    );
+    assert!(s.failures.is_empty(), "{}", s.failures.join("\n"));
+}

@@ -335,6 +335,15 @@ class Handler(BaseHTTPRequestHandler):
         url = urllib.parse.urlparse(self.path)
         if url.path == "/healthz":
             return self.reply(200, "ok\n")
+        if url.path == "/whoami":
+            # What the sandbox looks like from inside: the kernel (gVisor
+            # says 4.4.0) and whether there is a route out (egress).
+            try:
+                with open("/proc/net/route") as f:
+                    routes = [l.split()[0] for l in f.read().splitlines()[1:] if l.strip()]
+            except OSError:
+                routes = []
+            return self.reply(200, json.dumps({"kernel": os.uname().release, "routes": routes}))
         if url.path.startswith("/attempt/"):
             name = url.path[len("/attempt/"):]
             fn = ATTEMPTS.get(name)
