@@ -200,16 +200,20 @@ pub(crate) fn sh_quote(s: &str) -> String {
 pub(crate) fn supervisor_script(runsc: &Path, state: &Path, bundle: &Path, id: &str) -> String {
     // Sandbox ids are ASCII letters, digits, '-', '_' and '.' (validated),
     // so quoting them is belt and braces.
+    // A container of this id left by a crash (its state file exists) is
+    // removed first, and one `runsc run` could not remove (it was killed)
+    // at the end; tested with a file test, as each runsc invocation costs
+    // tens of milliseconds.
+    let state_file = sh_quote(&format!("{}/{id}_sandbox:{id}.state", state.display()));
     let id = sh_quote(id);
+    let cleanup = format!("if [ -e {state_file} ]; then r delete -force {id} >/dev/null 2>&1; fi");
     let b = sh_quote(&bundle.display().to_string());
     let status = sh_quote(&format!("{}.status", bundle.display()));
     let runsc = sh_quote(&runsc.display().to_string());
     let state = sh_quote(&state.display().to_string());
     let flags = "--platform=ptrace --network=host --ignore-cgroups --oci-seccomp";
     let mut s = format!("r() {{ {runsc} --root {state} {flags} \"$@\"; }}\n");
-    s.push_str(&format!(
-        "r delete -force {id} >/dev/null 2>&1\nrm -f {status}\n"
-    ));
+    s.push_str(&format!("{cleanup}\nrm -f {status}\n"));
     // `runsc run` is the only way to get the exit status of a container
     // that may exit at once (`runsc wait` loses it when the sandbox is
     // gone first). It runs in a session of its own, so the signals pid 1
@@ -228,7 +232,7 @@ pub(crate) fn supervisor_script(runsc: &Path, state: &Path, bundle: &Path, id: &
     s.push_str(&format!(
         "while kill -0 $w 2>/dev/null; do wait $w; done\n\
          st=$(cat {status} 2>/dev/null)\n\
-         r delete -force {id} >/dev/null 2>&1\n\
+         {cleanup}\n\
          rm -rf {b} {status}\n\
          exit \"${{st:-1}}\"\n"
     ));
@@ -500,6 +504,10 @@ mod tests {
         );
         assert!(s.contains(r#"run --bundle "$2" "$3"; echo $? > "$4"' '/usr/bin/runsc' '/run/x/state' '/run/x/b/id1' 'id1' '/run/x/b/id1.status' &"#), "{s}");
         assert!(s.contains("trap \"r kill 'id1' TERM >/dev/null 2>&1\" TERM"));
+        assert!(
+            s.contains("if [ -e '/run/x/state/id1_sandbox:id1.state' ]; then r delete -force 'id1' >/dev/null 2>&1; fi"),
+            "{s}"
+        );
         assert_eq!(sh_quote("a'b"), "'a'\\''b'");
     }
 }
