@@ -9,8 +9,9 @@
 //!
 //! "Ready" is what the agent waits for: a connection to the app's port
 //! (inside the sandbox's network namespace for sandboxes) answering
-//! `GET /healthz` with 200, polled every 200 µs. The binary is its own
-//! sandbox init (it calls `init_main` for `__sandbox-init`).
+//! `GET /healthz` with 200, polled every 200 µs. The sandbox init is the
+//! release `stead` binary when `STEAD_BENCH_BIN` names it (scripts/bench
+//! does), else this binary (it calls `init_main` for `__sandbox-init`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -218,7 +219,13 @@ async fn run() -> Res<()> {
     let tmp = std::env::temp_dir().join(format!("stead-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let (app, bin) = build_example(&tmp)?;
-    let exe = std::env::current_exe()?;
+    // The sandbox init: the release `stead` binary when scripts/bench gives
+    // it (what an agent runs), else this program (it calls init_main too).
+    let exe = match std::env::var_os("STEAD_BENCH_BIN") {
+        Some(p) if Path::new(&p).is_file() => PathBuf::from(p),
+        _ => std::env::current_exe()?,
+    };
+    println!("sandbox init: {}", exe.display());
     let sb = Sandboxes::new(exe, Backend::Process)?;
     let backends = sb.backends();
     println!(
