@@ -168,3 +168,48 @@ async fn a_fork_bomb_under_gvisor_hits_the_process_limit() {
     assert!(r.is_ok(), "timed out: {text} {etext} {exit:?}");
     assert!(text.contains("failed after"), "{text}\n{etext}\n{exit:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gvisor_sandbox_is_adopted_after_the_agent_restarts() {
+    let dir = app_dir();
+    let sb = sandboxes();
+    let port = 18091;
+    let p = sb
+        .spawn(SandboxSpec {
+            stdout: Output::Null,
+            stderr: Output::Null,
+            ..spec(
+                "adopt",
+                dir.path(),
+                &format!("exec python3 -m http.server {port} --bind 0.0.0.0"),
+                &sb,
+            )
+        })
+        .await
+        .expect("spawn");
+    let record = p.persisted();
+    // The agent goes away: its handle is dropped, the sandbox runs on.
+    drop(p);
+    let again = sandboxes();
+    let q = again.adopt(&record).expect("adopt").expect("still running");
+    assert_eq!(q.backend(), Backend::Gvisor);
+    let mut ok = false;
+    for _ in 0..300 {
+        if q.connect(port).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "the adopted gVisor sandbox does not answer");
+    // Not our child any more: the status is unknown, the exit is not.
+    let t = std::time::Instant::now();
+    let exit = tokio::time::timeout(BOUND, q.stop(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "SIGTERM reached it: {exit:?}"
+    );
+    assert!(q.exit_info().is_some());
+}
