@@ -213,3 +213,42 @@ async fn a_gvisor_sandbox_is_adopted_after_the_agent_restarts() {
     );
     assert!(q.exit_info().is_some());
 }
+
+// A database exposed with `listen` is reachable from an app under gVisor
+// too (runsc --network=host uses the sandbox's namespace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_reaches_an_app_under_gvisor() {
+    let dir = app_dir();
+    let sb = sandboxes();
+    std::fs::write(
+        dir.path().join("client.py"),
+        "import socket, time\n\
+         for _ in range(500):\n\
+         \x20   try:\n\
+         \x20       s = socket.create_connection(('127.0.0.1', 5433), timeout=2)\n\
+         \x20       break\n\
+         \x20   except OSError:\n\
+         \x20       time.sleep(0.01)\n\
+         print(s.recv(100).decode())\n",
+    )
+    .unwrap();
+    let mut p = sb
+        .spawn(spec("listen", dir.path(), "python3 client.py", &sb))
+        .await
+        .expect("spawn");
+    let listener = p.listen(5433).await.expect("listen inside");
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let _ = c.write_all(b"hello from the host").await;
+        }
+    });
+    let mut out = p.take_stdout().unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(BOUND, out.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    let exit = tokio::time::timeout(BOUND, p.wait()).await.unwrap();
+    assert_eq!(exit.code, Some(0), "{exit:?} {text}");
+    assert_eq!(text.trim(), "hello from the host");
+}
