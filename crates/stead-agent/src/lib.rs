@@ -83,6 +83,9 @@ pub struct AgentConfig {
     /// Sandbox backend of instances whose app names none
     /// (`stead agent --sandbox`).
     pub sandbox: Backend,
+    /// Address pool and denied destinations of egress instances
+    /// (`stead agent --egress-pool`).
+    pub egress: stead_sandbox::NetConfig,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// When an instance is stopped, how long after the control plane
@@ -114,6 +117,7 @@ impl AgentConfig {
             build_memory_mb: 4096,
             builds: true,
             sandbox: Backend::Process,
+            egress: stead_sandbox::NetConfig::default(),
             metrics_listen: None,
             drain_propagation: Duration::from_millis(600),
         }
@@ -169,12 +173,12 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    let sandbox = Sandboxes::new(config.init_exe.clone(), config.sandbox).map_err(|source| {
-        AgentError::Sandbox {
+    let sandbox = Sandboxes::new(config.init_exe.clone(), config.sandbox)
+        .map_err(|source| AgentError::Sandbox {
             host: config.name.clone(),
             source,
-        }
-    })?;
+        })?
+        .with_net_config(config.egress.clone());
     for d in ["instances", "apps", "tmp"] {
         mkdir(&config.data_dir.join(d))?;
     }

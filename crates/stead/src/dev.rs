@@ -42,6 +42,9 @@ pub struct DevArgs {
     /// Sandbox backend of instances whose app names none: process or gvisor.
     #[arg(long, env = "STEAD_SANDBOX", default_value = "process", value_parser = crate::services::parse_backend)]
     pub sandbox: stead_sandbox::Backend,
+    /// Private IPv4 pool egress instances' addresses come from.
+    #[arg(long, env = "STEAD_EGRESS_POOL", default_value = "10.213.0.0/16", value_parser = crate::services::parse_pool)]
+    pub egress_pool: stead_sandbox::Ipv4Net,
     /// Provision apps' databases on this PostgreSQL server (a URL of a role
     /// that may create roles and databases) instead of SQLite files.
     #[arg(long, env = "STEAD_APP_DATABASE_URL")]
@@ -158,6 +161,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     agent_config.metrics_listen = Some(agent_metrics);
     agent_config.sandbox = args.sandbox;
+    agent_config.egress.pool = args.egress_pool;
 
     if !args.no_login {
         let path = credentials::save(&Credentials {

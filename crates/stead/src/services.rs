@@ -58,9 +58,20 @@ pub struct AgentArgs {
     /// (gvisor needs `runsc`).
     #[arg(long, env = "STEAD_SANDBOX", default_value = "process", value_parser = parse_backend)]
     pub sandbox: stead_sandbox::Backend,
+    /// Private IPv4 pool egress instances' addresses come from (a /30 each);
+    /// it must not be used by the host's networks.
+    #[arg(long, env = "STEAD_EGRESS_POOL", default_value = "10.213.0.0/16", value_parser = parse_pool)]
+    pub egress_pool: stead_sandbox::Ipv4Net,
     /// Serve Prometheus metrics (`GET /metrics`) on this address.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `--egress-pool a.b.c.d/n` (n at most 30).
+pub fn parse_pool(s: &str) -> Result<stead_sandbox::Ipv4Net, String> {
+    stead_sandbox::Ipv4Net::parse(s)
+        .filter(|n| n.prefix <= 30)
+        .ok_or_else(|| format!("{s:?} is not an IPv4 network like 10.213.0.0/16 (at most /30)"))
 }
 
 /// `--sandbox process|gvisor`.
@@ -165,6 +176,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     config.advertise_ip = args.advertise_ip;
     config.builds = !args.no_builds;
     config.sandbox = args.sandbox;
+    config.egress.pool = args.egress_pool;
     config.metrics_listen = args.metrics_listen;
     stead_agent::run(config, shutdown_signal()).await?;
     Ok(())
