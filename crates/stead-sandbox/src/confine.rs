@@ -730,7 +730,56 @@ pub fn seccomp_filters(
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
     )?;
-    Ok(vec![deny.try_into()?, clone3.try_into()?])
+    let mut filters: Vec<seccompiler::BpfProgram> = vec![deny.try_into()?, clone3.try_into()?];
+    if cfg!(target_arch = "x86_64") {
+        filters.push(x32_filter(mode));
+    }
+    Ok(filters)
+}
+
+/// x86_64's x32 ABI numbers its system calls from 0x40000000 under the
+/// same audit architecture, so the deny list's numbers would not match
+/// them: refuse every x32 call (no app of ours uses that ABI, and most
+/// kernels do not even build it).
+fn x32_filter(mode: SeccompMode) -> seccompiler::BpfProgram {
+    use seccompiler::sock_filter;
+    const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS
+    const BPF_JGE_K: u16 = 0x05 | 0x30; // BPF_JMP | BPF_JGE | BPF_K
+    const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    const RET_KILL_PROCESS: u32 = 0x8000_0000;
+    let deny = match mode {
+        SeccompMode::Errno => RET_ERRNO | libc::EPERM as u32,
+        SeccompMode::Kill => RET_KILL_PROCESS,
+    };
+    vec![
+        // seccomp_data.nr is at offset 0.
+        sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        sock_filter {
+            code: BPF_JGE_K,
+            jt: 0,
+            jf: 1,
+            k: 0x4000_0000,
+        },
+        sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: deny,
+        },
+        sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: RET_ALLOW,
+        },
+    ]
 }
 
 /// Empties the capability bounding set and the ambient set: nothing the
@@ -1064,7 +1113,7 @@ mod tests {
     fn seccomp_filters_compile_in_both_modes() {
         for mode in [SeccompMode::Errno, SeccompMode::Kill] {
             let f = seccomp_filters(mode).unwrap();
-            assert_eq!(f.len(), 2);
+            assert_eq!(f.len(), if cfg!(target_arch = "x86_64") { 3 } else { 2 });
             assert!(!f[0].is_empty());
         }
         let names: Vec<&str> = DENIED_SYSCALLS.iter().map(|(n, _)| *n).collect();

@@ -154,6 +154,9 @@ print("unshare", call("unshare", 0x10000000))
 print("ptrace", call("ptrace", 16, 1, None, None))
 print("umount", call("umount2", b"/tmp", 2))
 print("chroot", call("chroot", b"/tmp"))
+libc.syscall.restype = ctypes.c_long
+r = libc.syscall(0x40000000 | 39)  # x32 getpid
+print("x32", "ok" if r >= 0 else errno.errorcode.get(ctypes.get_errno(), "?"))
 try:
     socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     print("raw ok")
@@ -168,7 +171,9 @@ except OSError as e:
     std::fs::write(dir.path().join("t.py"), script).unwrap();
     let r = run(confined("seccomp", dir.path(), "exec python3 t.py")).await;
     assert_eq!(r.exit.code, Some(0), "{}\n{}", r.stdout, r.stderr);
-    for call in ["mount", "unshare", "ptrace", "umount", "chroot", "raw"] {
+    for call in [
+        "mount", "unshare", "ptrace", "umount", "chroot", "raw", "x32",
+    ] {
         assert!(
             r.stdout.contains(&format!("{call} EPERM")),
             "{call}: {}",
