@@ -339,7 +339,9 @@ async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
     // routes stay valid; else a new one.
     let mut record = record;
     let previous = match record.endpoint_port {
-        Some(p) => TcpListener::bind(SocketAddr::new(shared.config.advertise_ip, p)).await.ok(),
+        Some(p) => TcpListener::bind(SocketAddr::new(shared.config.advertise_ip, p))
+            .await
+            .ok(),
         None => None,
     };
     let bound = match previous {

@@ -246,7 +246,8 @@ impl Store {
                     marked.push(e.clone());
                 }
             }
-            if !marked.is_empty() {
+            // An executor that owned nothing is not worth an event.
+            if !marked.is_empty() && (!workflows.is_empty() || method == "executor-id") {
                 insert_event(
                     &mut tx,
                     app_id,
