@@ -75,6 +75,12 @@ impl Suite<'_> {
     }
 }
 
+/// One line on the real stderr (the harness captures `println!`).
+fn summary(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -421,10 +427,12 @@ fn run_suite(backend: &str) {
     let status = dev.ok(&["apps", "status", "hostile"]);
     println!("{status}");
 
-    println!(
+    // Straight to stderr, past the test harness's capture: the counts are
+    // part of every run's output, passed or not.
+    summary(&format!(
         "escape suite ({backend}): {} attempts, {} contained",
         s.attempts, s.contained
-    );
+    ));
     if !s.failures.is_empty() {
         println!("hostile events: {}", events_text(&dev, "hostile"));
     }
@@ -506,9 +514,9 @@ fn per_app_sandbox_and_egress() {
     for t in &targets {
         s.attempt("connect", &format!("targets={}", urlencode(t)));
     }
-    println!(
+    summary(&format!(
         "per-app gvisor + egress: {} attempts, {} contained",
         s.attempts, s.contained
-    );
+    ));
     assert!(s.failures.is_empty(), "{}", s.failures.join("\n"));
 }
