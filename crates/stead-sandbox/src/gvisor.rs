@@ -169,10 +169,49 @@ impl GvisorSandbox {
             ..spec
         };
         let result = self.process.spawn(outer).await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_dir_all(&bundle).await;
+        match &result {
+            Ok(p) => self.clean_up_after(p),
+            Err(_) => {
+                let _ = tokio::fs::remove_dir_all(&bundle).await;
+            }
         }
         result
+    }
+
+    /// Once the sandbox has exited, removes what its script would have
+    /// removed had it not been killed (SIGKILL after the grace period, an
+    /// OOM kill of the whole sandbox): the bundle and runsc's record of the
+    /// container.
+    fn clean_up_after(&self, p: &SandboxProcess) {
+        let mut exit = p.exit_watch();
+        let (id, bundle) = (p.id().to_owned(), self.bundle_dir(p.id()));
+        let state = self.dir.join("state");
+        let runsc = self.runsc.clone();
+        tokio::spawn(async move {
+            let _ = exit.wait_for(Option::is_some).await;
+            let state_file = state.join(format!("{id}_sandbox:{id}.state"));
+            if tokio::fs::metadata(&state_file).await.is_ok() {
+                let delete = tokio::process::Command::new(&runsc)
+                    .arg("--root")
+                    .arg(&state)
+                    .args(["delete", "-force", &id])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .kill_on_drop(true)
+                    .status();
+                if tokio::time::timeout(std::time::Duration::from_secs(30), delete)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(sandbox = %id, "runsc delete did not finish");
+                }
+            }
+            let _ = tokio::fs::remove_dir_all(&bundle).await;
+            let mut status = bundle.into_os_string();
+            status.push(".status");
+            let _ = tokio::fs::remove_file(&status).await;
+        });
     }
 }
 
@@ -184,7 +223,11 @@ impl Sandbox for GvisorSandbox {
         Box::pin(self.spawn_gvisor(spec))
     }
     fn adopt(&self, persisted: &Persisted) -> Result<Option<SandboxProcess>, SandboxError> {
-        self.process.adopt(persisted)
+        let adopted = self.process.adopt(persisted)?;
+        if let Some(p) = &adopted {
+            self.clean_up_after(p);
+        }
+        Ok(adopted)
     }
 }
 

@@ -71,7 +71,7 @@ pub use confine::{Confinement, SeccompMode};
 pub use datadir::release_data_dirs;
 pub use error::SandboxError;
 pub use exit::{signal_name, ExitInfo};
-pub use gvisor::{find_runsc, GvisorSandbox};
+pub use gvisor::{find_runsc, GvisorSandbox, GVISOR_DIR};
 pub use init::{init_main, EXIT_EXEC_FAILED, EXIT_SETUP_FAILED, INIT_SUBCOMMAND};
 pub use netconf::{Ipv4Net, NetConfig};
 pub use process::{Persisted, ProcessSandbox, SandboxProcess, DEFAULT_STAGING_DIR};

@@ -142,6 +142,17 @@ async fn memory_limit_holds_under_gvisor() {
     };
     assert!(exit.code != Some(0), "{exit:?}");
     assert!(exit.oom_killed, "{exit:?}");
+    // Killed as a whole, its script could not clean up: the backend does.
+    let bundle = std::path::Path::new(stead_sandbox::GVISOR_DIR)
+        .join("bundles")
+        .join(p.id());
+    for _ in 0..250 {
+        if !bundle.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!bundle.exists(), "{} left behind", bundle.display());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
