@@ -433,6 +433,11 @@ impl ProcessSandbox {
         }
         let mut flags =
             libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        if spec.confine.is_some() {
+            // After joining the cgroup (child_setup does that first): the
+            // app sees its cgroup as `/`, not the host's hierarchy.
+            flags |= libc::CLONE_NEWCGROUP;
+        }
         if spec.network.has_netns() {
             flags |= libc::CLONE_NEWNET;
         }

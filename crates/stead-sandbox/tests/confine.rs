@@ -97,6 +97,7 @@ grep -E '^(CapEff|CapBnd|CapPrm|NoNewPrivs|Seccomp):' /proc/self/status
 ls /proc | grep -E '^[0-9]+$' | wc -l
 ls /dev | tr '\n' ' '; echo
 head -c 4 /dev/urandom | wc -c
+cat /proc/self/cgroup | grep -c -v ':/$' || true
 cat /proc/self/uid_map
 "#;
     let r = run(confined("root", dir.path(), script)).await;
@@ -132,6 +133,9 @@ cat /proc/self/uid_map
         "{out}"
     );
     assert!(out.contains("null") && out.contains("urandom"), "{out}");
+    // Its cgroups are all `/` (a cgroup namespace): nothing of the host's
+    // hierarchy shows.
+    assert_eq!(lines[lines.len() - 2], "0", "{out}");
     // uid 1000 inside is some unprivileged id outside.
     let map = lines.last().unwrap();
     let fields: Vec<u64> = map.split_whitespace().map(|f| f.parse().unwrap()).collect();
