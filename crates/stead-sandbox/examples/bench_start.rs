@@ -9,9 +9,10 @@
 //!
 //! "Ready" is what the agent waits for: a connection to the app's port
 //! (inside the sandbox's network namespace for sandboxes) answering
-//! `GET /healthz` with 200, polled every 200 µs. The sandbox init is the
-//! release `stead` binary when `STEAD_BENCH_BIN` names it (scripts/bench
-//! does), else this binary (it calls `init_main` for `__sandbox-init`).
+//! `GET /healthz` with 200, polled every 200 µs. The sandbox init is what
+//! an agent runs (`stead-init` beside the release `stead`, else `stead`)
+//! when `STEAD_BENCH_BIN` names `stead` (scripts/bench does), else this
+//! binary (it calls `init_main` for `__sandbox-init`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -219,10 +220,19 @@ async fn run() -> Res<()> {
     let tmp = std::env::temp_dir().join(format!("stead-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let (app, bin) = build_example(&tmp)?;
-    // The sandbox init: the release `stead` binary when scripts/bench gives
-    // it (what an agent runs), else this program (it calls init_main too).
+    // The sandbox init an agent would run, when scripts/bench names the
+    // release `stead`: `stead-init` beside it, else `stead` itself; without
+    // it, this program (it calls init_main too).
     let exe = match std::env::var_os("STEAD_BENCH_BIN") {
-        Some(p) if Path::new(&p).is_file() => PathBuf::from(p),
+        Some(p) if Path::new(&p).is_file() => {
+            let stead = PathBuf::from(p);
+            let small = stead.with_file_name("stead-init");
+            if small.is_file() {
+                small
+            } else {
+                stead
+            }
+        }
         _ => std::env::current_exe()?,
     };
     println!("sandbox init: {}", exe.display());

@@ -143,7 +143,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow!("could not start the router on {}: {e}", args.router_listen))?;
 
-    let init = std::env::current_exe().context("finding the stead binary for the sandbox init")?;
+    let init = crate::services::sandbox_init_exe()?;
     let mut agent_config = stead_agent::AgentConfig::new(
         vec![api_url.clone()],
         host_token,

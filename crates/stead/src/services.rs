@@ -67,6 +67,15 @@ pub struct AgentArgs {
     pub metrics_listen: Option<SocketAddr>,
 }
 
+/// The sandbox init an agent runs: `stead-init` beside this binary
+/// when it is installed (a small binary: sandboxes start faster and cost
+/// less memory), else this binary itself (`stead __sandbox-init`).
+pub fn sandbox_init_exe() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("finding the stead binary for the sandbox init")?;
+    let small = me.with_file_name("stead-init");
+    Ok(if small.is_file() { small } else { me })
+}
+
 /// `--egress-pool a.b.c.d/n` (n at most 30).
 pub fn parse_pool(s: &str) -> Result<stead_sandbox::Ipv4Net, String> {
     stead_sandbox::Ipv4Net::parse(s)
@@ -165,7 +174,7 @@ fn nix_hostname() -> Option<String> {
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let init = std::env::current_exe().context("finding the stead binary for the sandbox init")?;
+    let init = sandbox_init_exe()?;
     let mut config = stead_agent::AgentConfig::new(
         args.server,
         args.token,
