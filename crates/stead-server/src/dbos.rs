@@ -759,7 +759,7 @@ mod tests {
             "admin server present: admin"
         );
         assert!(
-            p.admin.get(&2).is_none() && p.reuse.get(&2).is_none(),
+            !p.admin.contains_key(&2) && !p.reuse.contains_key(&2),
             "no admin server: database, done here"
         );
         assert_eq!(

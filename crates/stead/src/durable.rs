@@ -184,8 +184,8 @@ pub async fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<38} {:<10} {:<24} {:<8} {:<28} {:>8} {}",
-                "ID", "STATUS", "NAME", "VERSION", "EXECUTOR", "ATTEMPTS", "CREATED"
+                "{:<38} {:<10} {:<24} {:<8} {:<28} {:>8} CREATED",
+                "ID", "STATUS", "NAME", "VERSION", "EXECUTOR", "ATTEMPTS"
             );
             for w in list {
                 println!(
@@ -226,7 +226,7 @@ pub async fn workflows(cmd: WorkflowsCommand) -> anyhow::Result<()> {
             if json {
                 return print_json(&steps);
             }
-            println!("{:<5} {:<32} {}", "STEP", "FUNCTION", "RESULT");
+            println!("{:<5} {:<32} RESULT", "STEP", "FUNCTION");
             for s in steps {
                 let result = match (&s.error, &s.output) {
                     (Some(e), _) => format!("error: {}", e.chars().take(60).collect::<String>()),
