@@ -1,0 +1,456 @@
+//! The platform as separate processes (`stead server`, `stead agent`,
+//! `stead router`), so that each can be killed on its own while a durable
+//! workflow runs: killing the agent does not touch the instances (they are
+//! adopted), killing the control plane does not touch the data plane, and an
+//! instance that dies while its agent is down is recovered when the agent
+//! comes back.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, tail, BIN};
+use serde_json::Value;
+
+struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Proc {
+    fn start(log: PathBuf, args: Vec<String>, env: Vec<(String, String)>) -> Proc {
+        let mut p = Proc {
+            child: None,
+            log,
+            args,
+            env,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let mut cmd = Command::new(BIN);
+        cmd.args(&self.args)
+            .env("STEAD_LOG", "info,sqlx=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn"));
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn text(&self) -> String {
+        tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 60)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-15", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Cluster {
+    root: PathBuf,
+    api: String,
+    router: String,
+    user_token: String,
+    server: Proc,
+    agent: Proc,
+    _router: Proc,
+}
+
+impl Cluster {
+    fn start(root: &Path) -> Cluster {
+        let db = format!("sqlite://{}", root.join("stead.db").display());
+        let token = |args: &[&str]| -> String {
+            let out = Command::new(BIN)
+                .args(["tokens", "create", "--database", &db])
+                .args(args)
+                .output()
+                .expect("tokens");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let user_token = token(&["--org", "acme"]);
+        let host_token = token(&["--host"]);
+        let (api_port, router_port) = (free_port(), free_port());
+        let api = format!("http://127.0.0.1:{api_port}");
+        let router = format!("http://127.0.0.1:{router_port}");
+        let agent_data = root.join("agent");
+        let server = Proc::start(
+            root.join("server.log"),
+            vec![
+                "server".into(),
+                "--database".into(),
+                db.clone(),
+                "--listen".into(),
+                format!("127.0.0.1:{api_port}"),
+                "--data-dir".into(),
+                root.join("server").display().to_string(),
+                "--router-url".into(),
+                router.clone(),
+                // Single machine: the apps' SQLite databases live in the
+                // agent's per-app data folders.
+                "--app-database-dir".into(),
+                agent_data.join("appdata").display().to_string(),
+            ],
+            Vec::new(),
+        );
+        let agent = Proc::start(
+            root.join("agent.log"),
+            vec![
+                "agent".into(),
+                "--server".into(),
+                api.clone(),
+                "--token".into(),
+                host_token.clone(),
+                "--data-dir".into(),
+                agent_data.display().to_string(),
+                "--name".into(),
+                "host-a".into(),
+            ],
+            Vec::new(),
+        );
+        let router_proc = Proc::start(
+            root.join("router.log"),
+            vec![
+                "router".into(),
+                "--server".into(),
+                api.clone(),
+                "--token".into(),
+                host_token,
+                "--listen".into(),
+                format!("127.0.0.1:{router_port}"),
+            ],
+            Vec::new(),
+        );
+        let c = Cluster {
+            root: root.to_path_buf(),
+            api,
+            router,
+            user_token,
+            server,
+            agent,
+            _router: router_proc,
+        };
+        c.wait_ready();
+        c
+    }
+
+    fn wait_ready(&self) {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("client");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let api = client
+                .get(format!("{}/v1/health", self.api))
+                .send()
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            let router = client
+                .get(format!("{}/_stead/health", self.router))
+                .send()
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if api && router {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "components not ready:\n{}\n{}",
+                self.server.text(),
+                self.agent.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .env("STEAD_API", &self.api)
+            .env("STEAD_TOKEN", &self.user_token)
+            .env("STEAD_CONFIG_DIR", self.root.join("config"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("cli")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "`stead {}` failed:\n{}\nserver:\n{}\nagent:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            self.server.text(),
+            self.agent.text()
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).expect("json")
+    }
+
+    fn http(&self) -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client")
+    }
+
+    fn executions(&self, app: &str) -> Vec<Value> {
+        match self
+            .http()
+            .get(format!("{}/apps/{app}/executions", self.router))
+            .send()
+        {
+            Ok(r) if r.status().is_success() => r.json().unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn status(&self, app: &str, wf: &str) -> Option<String> {
+        let out = self.cli(&["workflows", "get", app, wf, "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice::<Value>(&out.stdout).ok()?["status"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    fn wait<T>(&self, what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nserver:\n{}\nagent:\n{}",
+                self.server.text(),
+                self.agent.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn count(execs: &[Value], wf: &str, step: u64, event: &str) -> usize {
+    execs
+        .iter()
+        .filter(|e| {
+            e["workflow_id"] == wf && e["step"].as_u64() == Some(step) && e["event"] == event
+        })
+        .count()
+}
+
+fn start_gated(c: &Cluster, app: &str, gate: &str, gate_step: u32) -> String {
+    let url = format!(
+        "{}/apps/{app}/workflows/start?steps=3&step_seconds=0.3&gate={gate}&gate_step={gate_step}",
+        c.router
+    );
+    let v: Value = c
+        .http()
+        .post(url)
+        .send()
+        .expect("start")
+        .json()
+        .expect("json");
+    v["workflow_id"].as_str().expect("id").to_string()
+}
+
+fn open_gate(c: &Cluster, app: &str, gate: &str) {
+    // Right after a component restart the first attempt may meet a stale
+    // route; the test is about the workflow, not that race.
+    c.wait("the gate to open", Duration::from_secs(30), || {
+        let r = c
+            .http()
+            .post(format!("{}/apps/{app}/gates/{gate}", c.router))
+            .send()
+            .ok()?;
+        r.status().is_success().then_some(())
+    });
+}
+
+/// The ready instance (id, host pid), if there is one now.
+fn ready_instance(c: &Cluster, app: &str) -> Option<(String, u64)> {
+    let s = c.json(&["apps", "status", app, "--json"]);
+    let i = s["instances"]
+        .as_array()?
+        .iter()
+        .find(|i| i["state"] == "ready")?
+        .clone();
+    Some((i["id"].as_str()?.to_string(), i["pid"].as_u64()?))
+}
+
+fn instance_pid(c: &Cluster, app: &str) -> (String, u64) {
+    c.wait("a ready instance", Duration::from_secs(60), || {
+        ready_instance(c, app)
+    })
+}
+
+#[test]
+fn agent_and_control_plane_die_separately_during_workflows() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(tmp.path());
+    let app = "wf-parts";
+    let dir = common::copy_example("dbos-python", tmp.path());
+    c.ok(&[
+        "deploy",
+        dir.to_str().expect("p"),
+        "--app",
+        app,
+        "--timeout",
+        "900",
+    ]);
+
+    // 1. Kill the agent mid-workflow: the instance keeps running; the new
+    //    agent adopts it (same instance), and the workflow completes with
+    //    every step once.
+    let wf = start_gated(&c, app, "g1", 2);
+    c.wait("step 2 to start", Duration::from_secs(60), || {
+        (count(&c.executions(app), &wf, 2, "start") > 0).then_some(())
+    });
+    let (before, _) = instance_pid(&c, app);
+    c.agent.kill9();
+    c.agent.spawn();
+    c.wait(
+        "the restarted agent to report the adopted instance",
+        Duration::from_secs(60),
+        || {
+            let (id, _) = ready_instance(&c, app)?;
+            (id == before).then_some(())
+        },
+    );
+    open_gate(&c, app, "g1");
+    c.wait("workflow 1 to finish", Duration::from_secs(60), || {
+        c.status(app, &wf).filter(|s| s == "SUCCESS")
+    });
+    let ex = c.executions(app);
+    for step in 1..=3 {
+        assert_eq!(count(&ex, &wf, step, "start"), 1, "step {step}: {ex:?}");
+    }
+    let s = c.json(&["apps", "status", app, "--json"]);
+    assert_eq!(
+        s["instances"].as_array().map(Vec::len),
+        Some(1),
+        "no duplicate instance: {s}"
+    );
+
+    // 2. Kill the control plane mid-workflow: the data plane goes on, and
+    //    the workflow completes; the restarted control plane sees it.
+    let wf2 = start_gated(&c, app, "g2", 2);
+    c.wait("step 2 to start", Duration::from_secs(60), || {
+        (count(&c.executions(app), &wf2, 2, "start") > 0).then_some(())
+    });
+    c.server.kill9();
+    // The router keeps routing with its last table while the control plane
+    // is away.
+    open_gate(&c, app, "g2");
+    c.server.spawn();
+    c.wait_ready();
+    c.wait("workflow 2 to finish", Duration::from_secs(60), || {
+        c.status(app, &wf2).filter(|s| s == "SUCCESS")
+    });
+    let ex = c.executions(app);
+    for step in 1..=3 {
+        assert_eq!(count(&ex, &wf2, step, "start"), 1, "step {step}: {ex:?}");
+    }
+
+    // 3. The instance dies while its agent is down: the restarted agent
+    //    reports it, a replacement starts, and the dead executor's workflow
+    //    is recovered and completes; step 1 is not run again.
+    let wf3 = start_gated(&c, app, "g3", 2);
+    c.wait("step 2 to start", Duration::from_secs(60), || {
+        (count(&c.executions(app), &wf3, 2, "start") > 0).then_some(())
+    });
+    let (victim, pid) = instance_pid(&c, app);
+    c.agent.kill9();
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    c.agent.spawn();
+    c.wait("a replacement instance", Duration::from_secs(60), || {
+        let (id, _) = ready_instance(&c, app)?;
+        (id != victim).then_some(())
+    });
+    open_gate(&c, app, "g3");
+    c.wait(
+        "workflow 3 to finish on the replacement",
+        Duration::from_secs(120),
+        || c.status(app, &wf3).filter(|s| s == "SUCCESS"),
+    );
+    let ex = c.executions(app);
+    assert_eq!(
+        count(&ex, &wf3, 1, "start"),
+        1,
+        "step 1 had completed: {ex:?}"
+    );
+    assert!(
+        count(&ex, &wf3, 2, "start") >= 2,
+        "step 2 was interrupted and ran again: {ex:?}"
+    );
+    assert_eq!(count(&ex, &wf3, 3, "end"), 1, "{ex:?}");
+    let events: Value = c
+        .http()
+        .get(format!("{}/v1/apps/{app}/events", c.api))
+        .bearer_auth(&c.user_token)
+        .send()
+        .expect("events")
+        .json()
+        .expect("json");
+    let recovered = events.as_array().expect("events").iter().any(|e| {
+        e["kind"] == "recovery"
+            && e["data"]["executors"]
+                .as_array()
+                .is_some_and(|x| x.iter().any(|x| x == victim.as_str()))
+    });
+    assert!(
+        recovered,
+        "the event log must show the recovery of {victim}: {events}"
+    );
+}
