@@ -1,10 +1,13 @@
 //! Sandboxes instances run in: the `process` backend (Linux namespaces,
-//! cgroups).
+//! cgroups, a pivoted read-only root, a user namespace, seccomp) and the
+//! `gvisor` backend (`runsc`), behind one interface ([`Sandbox`],
+//! [`Sandboxes`]).
 //!
 //! An instance of a user's app, or its build, runs as `/bin/sh -c <command>`
-//! in its own pid, mount, uts, ipc and (unless it is a build that needs the
-//! network) network namespace, inside a cgroup that limits its memory and
-//! number of processes. cgroup v1 and v2 hosts are both supported.
+//! (or the command itself when it has no shell syntax) in its own pid,
+//! mount, uts, ipc and (unless it is a build that needs the network) network
+//! namespace, inside a cgroup that limits its memory, CPU and number of
+//! processes. cgroup v1 and v2 hosts are both supported.
 //!
 //! ```text
 //! agent ──fork+unshare──▶ outer init (agent's pid ns, new mnt/uts/ipc/net ns,

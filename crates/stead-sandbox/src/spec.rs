@@ -102,8 +102,7 @@ impl std::fmt::Display for Backend {
 /// Everything needed to start a sandbox. Construct with [`SandboxSpec::new`]
 /// and struct-update syntax (`SandboxSpec { memory_mb: 256,
 /// ..SandboxSpec::new(id, cwd, cmd) }`) so that code keeps compiling as the
-/// spec grows (user namespace, root filesystem, seccomp and CPU limits are
-/// to come).
+/// spec grows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SandboxSpec {
     /// Instance or build id. Names the cgroup (`.../stead/<id>`) and the
