@@ -309,7 +309,7 @@ fn sandbox_choice(app_dir: &Path, default: Backend) -> (Backend, NetworkMode) {
 }
 
 /// Environment every sandbox starts from: enough to find the tools of the
-/// host (the sandbox's root filesystem is the host's until hardening).
+/// host (a confined instance keeps only the PATH entries its root has).
 pub(crate) fn base_env() -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     for key in ["PATH", "LANG", "RUSTUP_HOME", "CARGO_HOME", "TZ"] {
