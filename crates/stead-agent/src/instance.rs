@@ -498,11 +498,15 @@ async fn probe(process: &SandboxProcess, port: u16, health: Option<&str>) -> boo
 
 async fn health_loop(shared: Arc<Shared>, process: Arc<SandboxProcess>, record: Record) {
     let health = record.run.health.clone();
-    // Fast polling until the first success: start-to-ready latency matters.
+    // Fast polling until the first success: a request waiting for a cold
+    // start waits on this, so every millisecond for the first half second
+    // (a probe is one connection inside the sandbox), then backing off.
+    let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(5);
     loop {
         if probe(&process, record.port, health.as_deref()).await {
-            tracing::info!(app = %record.app, version = record.version, instance = %record.id, host = %shared.config.name, "instance ready");
+            tracing::info!(app = %record.app, version = record.version, instance = %record.id, host = %shared.config.name,
+                probing_ms = started.elapsed().as_secs_f64() * 1000.0, "instance ready");
             if let Some(admin) = record.run.admin_port {
                 if probe(&process, admin, Some("/dbos-healthz")).await {
                     if let Some(i) = shared.instances.lock().await.get_mut(&record.id) {
@@ -512,6 +516,10 @@ async fn health_loop(shared: Arc<Shared>, process: Arc<SandboxProcess>, record: 
             }
             set_phase(&shared, &record.id, Phase::Ready, None).await;
             break;
+        }
+        if started.elapsed() < Duration::from_millis(500) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(200));

@@ -97,6 +97,12 @@ pub struct RouterConfig {
     /// How often demand is reported to the autoscaler while apps are busy
     /// (default 1 s).
     pub report_interval: Duration,
+    /// Threads serving connections, each with its own single-threaded
+    /// runtime, listener (`SO_REUSEPORT`: the kernel spreads connections)
+    /// and upstream connection pool, like nginx's workers: no work
+    /// stealing or cross-thread wake-ups on the hot path. 0 serves on the
+    /// caller's runtime instead. Default: one per CPU.
+    pub threads: usize,
 }
 
 impl Default for RouterConfig {
@@ -107,8 +113,43 @@ impl Default for RouterConfig {
             refresh_interval: Duration::from_millis(500),
             wake_wait: Duration::from_secs(30),
             report_interval: Duration::from_secs(1),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
+}
+
+thread_local! {
+    /// The upstream client of a worker thread (see [`RouterConfig::threads`]):
+    /// its pooled connections live on that thread's runtime.
+    static WORKER_CLIENT: std::cell::RefCell<Option<Client<HttpConnector, ForwardBody>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The upstream client: pooled, no Nagle, bounded connect time.
+fn build_client() -> Client<HttpConnector, ForwardBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// A listener on `addr` that other listeners can share (`SO_REUSEPORT`).
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(1024)?;
+    listener.into_std()
 }
 
 /// The smallest background refresh interval accepted: a zero interval would
@@ -170,6 +211,13 @@ pub(crate) struct Shared {
 impl Shared {
     fn now_ms(&self) -> u64 {
         self.clock.elapsed().as_millis() as u64
+    }
+
+    /// This thread's upstream client (a worker's own), else the shared one.
+    pub(crate) fn client(&self) -> Client<HttpConnector, ForwardBody> {
+        WORKER_CLIENT
+            .with(|c| c.borrow().clone())
+            .unwrap_or_else(|| self.client.clone())
     }
 
     /// Waits until a route fetch that started at or after `since` has
@@ -345,7 +393,10 @@ impl Drop for FetchDone<'_> {
 
 /// A bound, not yet serving, router.
 pub struct Router {
-    listener: TcpListener,
+    /// One per serving thread (all on the same address), or one served on
+    /// the caller's runtime.
+    listeners: Vec<std::net::TcpListener>,
+    threaded: bool,
     local_addr: SocketAddr,
     refresh_interval: Duration,
     shared: Arc<Shared>,
@@ -375,23 +426,27 @@ impl Router {
         config: RouterConfig,
         source: Arc<dyn RouteSource>,
     ) -> Result<Router, RouterError> {
-        let listener =
-            TcpListener::bind(config.listen)
+        let bind_err =
+            |addr: SocketAddr| move |source: std::io::Error| RouterError::Bind { addr, source };
+        let threaded = config.threads > 0;
+        let mut listeners = Vec::new();
+        let local_addr = if threaded {
+            let first = reuseport_listener(config.listen).map_err(bind_err(config.listen))?;
+            let addr = first.local_addr()?;
+            listeners.push(first);
+            for _ in 1..config.threads {
+                listeners.push(reuseport_listener(addr).map_err(bind_err(addr))?);
+            }
+            addr
+        } else {
+            let l = TcpListener::bind(config.listen)
                 .await
-                .map_err(|source| RouterError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let local_addr = listener.local_addr()?;
-
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+                .map_err(bind_err(config.listen))?;
+            let addr = l.local_addr()?;
+            listeners.push(l.into_std()?);
+            addr
+        };
+        let client = build_client();
 
         let shared = Arc::new(Shared {
             domain: routing::normalize_domain(&config.domain),
@@ -411,7 +466,8 @@ impl Router {
             report_interval: config.report_interval.max(Duration::from_millis(100)),
         });
         Ok(Router {
-            listener,
+            listeners,
+            threaded,
             local_addr,
             refresh_interval: config.refresh_interval.max(MIN_REFRESH_INTERVAL),
             shared,
@@ -438,7 +494,8 @@ impl Router {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RouterError> {
         let Router {
-            listener,
+            listeners,
+            threaded,
             local_addr,
             refresh_interval,
             shared,
@@ -446,70 +503,130 @@ impl Router {
 
         let refresher = tokio::spawn(shared.clone().watch_routes(refresh_interval));
         let reporter = tokio::spawn(demand::report_loop(shared.clone()));
+        tracing::info!(addr = %local_addr, domain = %shared.domain, threads = listeners.len(),
+            "router listening");
 
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .keep_alive(true);
-        builder.http2().timer(TokioTimer::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut workers = Vec::new();
+        let mut local = None;
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let shared = shared.clone();
+            let stop = stop_rx.clone();
+            if !threaded {
+                let listener = TcpListener::from_std(listener)?;
+                local = Some(tokio::spawn(accept_loop(listener, shared, stop)));
+                continue;
+            }
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name(format!("stead-router-{i}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(r) => r,
+                        Err(error) => {
+                            tracing::error!(%error, "cannot start a router thread");
+                            return;
+                        }
+                    };
+                    WORKER_CLIENT.with(|c| {
+                        *c.borrow_mut() = Some(runtime.block_on(async { build_client() }))
+                    });
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => accept_loop(l, shared, stop).await,
+                            Err(error) => tracing::error!(%error, "cannot use a router listener"),
+                        }
+                    });
+                    drop(done_tx);
+                })?;
+            workers.push(done_rx);
+        }
 
-        let graceful = GracefulShutdown::new();
-        // Connection tasks, so that any still open after the grace period
-        // can be ended rather than outliving `serve`.
-        let mut conns = tokio::task::JoinSet::new();
-        tracing::info!(addr = %local_addr, domain = %shared.domain, "router listening");
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                // Reap finished connection tasks so the set stays small.
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        // Best effort: only latency suffers if it fails.
-                        let _ = stream.set_nodelay(true);
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        if let Some(l) = local {
+            let _ = l.await;
+        }
+        for w in workers {
+            // Each worker ends within the grace period (see `accept_loop`).
+            let _ = w.await;
+        }
+        refresher.abort();
+        reporter.abort();
+        Ok(())
+    }
+}
+
+/// Serves the connections of one listener until `stop`; then stops
+/// accepting, lets open requests finish (up to a grace period) and returns.
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+
+    let graceful = GracefulShutdown::new();
+    // Connection tasks, so that any still open after the grace period
+    // can be ended rather than outliving `serve`.
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = async {
+                // The guard `wait_for` returns must not live across an await.
+                let _ = stop.wait_for(|s| *s).await;
+            } => break,
+            // Reap finished connection tasks so the set stays small.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    // Best effort: only latency suffers if it fails.
+                    let _ = stream.set_nodelay(true);
+                    let shared = shared.clone();
+                    let client = proxy::Peer::new(peer);
+                    let service = service_fn(move |req| {
                         let shared = shared.clone();
-                        let service = service_fn(move |req| {
-                            let shared = shared.clone();
-                            async move { Ok::<_, Infallible>(shared.handle(req, peer).await) }
-                        });
-                        let conn = builder
-                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                            .into_owned();
-                        let conn = graceful.watch(conn);
-                        conns.spawn(async move {
-                            if let Err(error) = conn.await {
-                                tracing::debug!(%peer, %error, "client connection ended with an error");
-                            }
-                        });
-                    }
-                    Err(error) => {
-                        // Usually out of file descriptors: back off instead of
-                        // spinning, the condition may clear as connections close.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+                        let client = client.clone();
+                        async move { Ok::<_, Infallible>(shared.handle(req, client).await) }
+                    });
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    let conn = graceful.watch(conn);
+                    conns.spawn(async move {
+                        if let Err(error) = conn.await {
+                            tracing::debug!(%peer, %error, "client connection ended with an error");
+                        }
+                    });
+                }
+                Err(error) => {
+                    // Usually out of file descriptors: back off instead of
+                    // spinning, the condition may clear as connections close.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
-
-        drop(listener);
-        refresher.abort();
-        reporter.abort();
-        tracing::info!("router shutting down; letting open requests finish");
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                open = conns.len(),
-                "connections still open {}s after shutdown; closing them",
-                SHUTDOWN_GRACE.as_secs()
-            );
-            conns.abort_all();
-        }
-        Ok(())
     }
+
+    drop(listener);
+    tracing::debug!("router thread shutting down; letting open requests finish");
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = conns.len(),
+            "connections still open {}s after shutdown; closing them",
+            SHUTDOWN_GRACE.as_secs()
+        );
+        conns.abort_all();
+    }
+    // Tasks (upgraded tunnels, streaming bodies) end with the runtime.
+    conns.shutdown().await;
 }

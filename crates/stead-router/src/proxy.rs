@@ -108,9 +108,15 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let id: u128 = rand::random();
-    // 32 lowercase hex digits are always a valid header value.
-    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("unknown"))
+    // 32 lowercase hex digits, formatted on the stack (this runs for every
+    // request): always a valid header value.
+    let mut buf = [0u8; 32];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// The client's request id if usable, else a new one.
@@ -181,6 +187,21 @@ fn error_chain(e: &hyper_util::client::legacy::Error) -> String {
     out
 }
 
+/// The client of a connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    pub addr: SocketAddr,
+    /// Its address as an `X-Forwarded-For` value, made once per connection.
+    pub ip_header: Option<HeaderValue>,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip_header = HeaderValue::from_str(&addr.ip().to_canonical().to_string()).ok();
+        Peer { addr, ip_header }
+    }
+}
+
 /// What a held request ended with.
 enum Woken {
     Ready(Arc<AppEntry>),
@@ -205,7 +226,7 @@ impl Shared {
     pub(crate) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: Peer,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let request_id = request_id(req.headers());
@@ -556,7 +577,7 @@ impl Shared {
         target: Target,
         in_flight: Option<InFlight>,
         request_id: HeaderValue,
-        peer: SocketAddr,
+        peer: Peer,
         start: Instant,
     ) -> Response<ProxyBody> {
         let entry = target.entry;
@@ -588,12 +609,24 @@ impl Shared {
             headers.insert(header::HOST, h.clone());
             headers.insert(X_FORWARDED_HOST.clone(), h);
         }
-        let client_ip = peer.ip().to_canonical().to_string();
-        let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
-            _ => client_ip,
+        // The client's address as a header value is made once per
+        // connection (`client_ip`); only a proxy chain needs a new one.
+        let prior = headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .filter(|p| !p.trim().is_empty());
+        let forwarded_for = match (prior, peer.ip_header) {
+            (None, Some(ip)) => Some(ip),
+            (prior, _) => {
+                let ip = peer.addr.ip().to_canonical().to_string();
+                let v = match prior {
+                    Some(p) => format!("{p}, {ip}"),
+                    None => ip,
+                };
+                HeaderValue::from_str(&v).ok()
+            }
         };
-        if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        if let Some(v) = forwarded_for {
             headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
@@ -669,7 +702,7 @@ impl Shared {
             *up.version_mut() = Version::HTTP_11;
             *up.headers_mut() = headers;
 
-            match self.client.request(up).await {
+            match self.client().request(up).await {
                 Ok(resp) => {
                     let guards = Guards {
                         _in_flight: in_flight,

@@ -83,17 +83,20 @@ pub(crate) async fn heartbeat(
     _auth: HostAuth,
     ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let t0 = std::time::Instant::now();
     state
         .store
         .heartbeat(&req.host_id, &req.session, &req.instances)
         .await?;
     state.changed();
+    tracing::trace!(ms = t0.elapsed().as_secs_f64() * 1000.0, "heartbeat stored");
     crate::scaling::record_heartbeat_signals(&state, &req).await;
     // Long-poll: held (up to `wait_ms`) while the intended state is still
     // the one the agent has, so a change reaches it within milliseconds.
     let wait = std::time::Duration::from_millis(req.wait_ms);
     let (intended, etag) =
         crate::scaling::long_poll(&state, req.known.as_deref(), wait, || async {
+            let t0 = std::time::Instant::now();
             let alive = state
                 .store
                 .alive_host_ids(state.config.host_timeout)
@@ -103,6 +106,7 @@ pub(crate) async fn heartbeat(
                 None => IntendedHostState::default(),
             };
             let etag = crate::scaling::etag(&intended);
+            tracing::debug!(host = %req.host_id, ms = t0.elapsed().as_secs_f64() * 1000.0, "intended state computed");
             Ok((intended, etag))
         })
         .await?;

@@ -286,7 +286,12 @@ where
         let notified = state.changes.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        let t0 = Instant::now();
         let (value, tag) = compute().await?;
+        tracing::trace!(
+            ms = t0.elapsed().as_secs_f64() * 1000.0,
+            "long-poll computed"
+        );
         let now = Instant::now();
         if known != Some(tag.as_str())
             || now >= deadline
@@ -311,6 +316,7 @@ pub(crate) struct RoutesQuery {
 
 /// The route table with each app's limits, and its etag.
 async fn route_table(state: &AppState) -> Result<(RouteTable, String), ApiError> {
+    let t0 = Instant::now();
     let mut table = state.store.routes(state.config.host_timeout).await?;
     for a in state.store.scale_apps(None).await? {
         let s = &a.scaling;
@@ -326,6 +332,10 @@ async fn route_table(state: &AppState) -> Result<(RouteTable, String), ApiError>
     table.etag = None;
     let tag = etag(&table);
     table.etag = Some(tag.clone());
+    tracing::trace!(
+        ms = t0.elapsed().as_secs_f64() * 1000.0,
+        "route table computed"
+    );
     Ok((table, tag))
 }
 
@@ -363,17 +373,25 @@ pub(crate) async fn demand(
         ));
     }
     crate::metrics::DEMAND_REPORTS.fetch_add(1, Ordering::Relaxed);
+    let t0 = Instant::now();
     let samples: Vec<NewDemand> = report.apps.iter().map(new_demand).collect();
     state
         .store
         .record_demand(&report.router, DemandKind::Router, &samples)
         .await?;
+    let recorded = t0.elapsed();
     // Decide now rather than at the next heartbeat: a wake-up or a burst
     // reaches the agents (long-polling their intended state) at once.
     let decisions = evaluate(&state).await?;
     if decisions.changed {
         state.changed();
     }
+    tracing::debug!(
+        recorded_ms = recorded.as_secs_f64() * 1000.0,
+        total_ms = t0.elapsed().as_secs_f64() * 1000.0,
+        changed = decisions.changed,
+        "demand report"
+    );
     let now = stead_store::now_ms();
     let last = LAST_PRUNE.load(Ordering::Relaxed);
     if now - last >= PRUNE_EVERY_MS

@@ -27,6 +27,7 @@ fn main() {
 }
 
 fn serve(conn: TcpStream) -> std::io::Result<()> {
+    conn.set_nodelay(true)?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut out = conn;
     loop {
@@ -73,12 +74,14 @@ fn serve(conn: TcpStream) -> std::io::Result<()> {
             ),
             _ => ("404 Not Found", "not found\n".to_string()),
         };
-        write!(
-            out,
+        // One write per response: several small writes would each wait
+        // for the previous one's ACK (Nagle), which the peer may delay.
+        let response = format!(
             "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{text}",
             text.len(),
             if close { "Connection: close\r\n" } else { "" }
-        )?;
+        );
+        out.write_all(response.as_bytes())?;
         out.flush()?;
         if close {
             return Ok(());
