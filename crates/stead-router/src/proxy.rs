@@ -25,6 +25,9 @@ use crate::Shared;
 const WAKE_POLL: Duration = Duration::from_millis(150);
 /// The same, while the long-poll works: a safety net only.
 const WAKE_POLL_WATCHED: Duration = Duration::from_secs(1);
+/// An app that has never had a ready version (its first build is running,
+/// or failed) holds requests this long at most, not the whole wake wait.
+const NO_VERSION_WAIT: Duration = Duration::from_secs(5);
 /// After a connection to an endpoint is refused, other endpoints are
 /// preferred for this long.
 const AVOID_AFTER_CONNECT_ERROR_MS: u64 = 2_000;
@@ -472,6 +475,9 @@ impl Shared {
                 }
                 if entry.has_endpoints() {
                     return Woken::Ready(entry);
+                }
+                if entry.version.is_none() && since.elapsed() >= NO_VERSION_WAIT {
+                    return Woken::NoInstance(Some(entry));
                 }
                 let poll = if self.watching.load(std::sync::atomic::Ordering::Relaxed) {
                     WAKE_POLL_WATCHED

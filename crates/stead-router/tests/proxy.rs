@@ -1330,3 +1330,22 @@ async fn per_app_limits_on_concurrency_and_body_size() {
     );
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn app_that_never_had_a_version_is_not_held_for_the_whole_wake_wait() {
+    let source = FakeSource::new(vec![app("unbuilt", None, &[])]);
+    let router = TestRouter::start(source.clone(), Duration::from_secs(30)).await;
+    let c = client();
+    let started = Instant::now();
+    let resp = send(&c, get(&router.url("/"), Some("unbuilt.localhost"))).await;
+    let waited = started.elapsed();
+    assert_eq!(resp.status(), 503);
+    let err = error_body(resp).await;
+    assert_eq!(err.error, "no_ready_instance");
+    assert!(err.message.contains("no ready version"), "{}", err.message);
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(8),
+        "held {waited:?}"
+    );
+    router.shutdown().await;
+}
