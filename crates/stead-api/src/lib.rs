@@ -137,6 +137,9 @@ pub struct ScaleStatus {
     pub panic: bool,
     /// Milliseconds since the app last had a request (or a deploy), when known.
     pub idle_ms: Option<i64>,
+    /// Requests in flight per instance, as the routers last reported.
+    #[serde(default)]
+    pub in_flight_by_instance: BTreeMap<String, u64>,
     /// The autoscaler's targets and the router's per-app limits in effect
     /// (stead.toml's, or what `stead scale` set since the last deploy).
     #[serde(default)]

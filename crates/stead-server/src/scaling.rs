@@ -58,6 +58,8 @@ pub(crate) struct AppDecision {
     pub ready: u32,
     pub queued: u64,
     pub now: i64,
+    /// Requests in flight per instance in the routers' latest reports.
+    pub by_instance: BTreeMap<String, u64>,
 }
 
 impl Decisions {
@@ -80,6 +82,37 @@ fn to_state(r: &ScaleStateRow) -> autoscale::State {
         below_since: r.below_since,
         below_peak: r.below_peak,
     }
+}
+
+/// Requests in flight per instance, summed over the routers' latest
+/// (recent) reports about the app.
+fn in_flight_by_instance(inputs: &ScaleInputs, app_id: i64, now: i64) -> BTreeMap<String, u64> {
+    let mut latest: BTreeMap<&str, &DemandSample> = BTreeMap::new();
+    for d in inputs
+        .samples
+        .iter()
+        .filter(|d| d.app_id == app_id && d.kind == DemandKind::Router && d.detail.is_some())
+    {
+        let e = latest.entry(d.source.as_str()).or_insert(d);
+        if d.end_ms >= e.end_ms {
+            *e = d;
+        }
+    }
+    let mut out = BTreeMap::new();
+    for d in latest
+        .values()
+        .filter(|d| now - d.end_ms <= WAITING_FRESH_MS)
+    {
+        let parsed: Vec<stead_api::InstanceDemand> = d
+            .detail
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok())
+            .unwrap_or_default();
+        for i in parsed {
+            *out.entry(i.instance).or_default() += i.in_flight;
+        }
+    }
+    out
 }
 
 /// The autoscaler's signals for one app from the stored samples.
@@ -195,6 +228,7 @@ pub(crate) async fn evaluate(state: &AppState) -> Result<Decisions, ApiError> {
                 ready: sig.ready,
                 queued: sig.queued_workflows,
                 now,
+                by_instance: in_flight_by_instance(&inputs, app.app_id, now),
             },
         );
     }
@@ -215,6 +249,7 @@ pub(crate) fn status(d: &AppDecision) -> ScaleStatus {
         panic: d.decision.panic(d.now),
         idle_ms: d.decision.idle_for,
         settings: d.app.scaling.clone(),
+        in_flight_by_instance: d.by_instance.clone(),
     }
 }
 

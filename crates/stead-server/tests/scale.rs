@@ -241,6 +241,23 @@ async fn bursts_scale_up_and_settings_show_in_status(s: TestServer) {
         "{st}"
     );
     assert_eq!(a["settings"]["target_concurrency"], 100);
+    // The routers' per-instance load shows too (sum of their latest reports).
+    for router in ["r1", "r2"] {
+        let (st, _) = send(s.host(Method::POST, "/v1/router/demand").json(&json!({
+            "router": router,
+            "apps": [{"app": "busy", "period_ms": 1000, "concurrency": 7.0, "peak": 7,
+                      "requests": 70, "waiting": 0,
+                      "instances": [{"instance": "busy-0", "in_flight": 7}]}]
+        })))
+        .await;
+        assert_eq!(st, StatusCode::OK);
+    }
+    let st = status(&s, "busy").await;
+    assert_eq!(
+        st["autoscale"]["in_flight_by_instance"],
+        json!({"busy-0": 14}),
+        "{st}"
+    );
     assert!(a["requests_per_s"].as_f64().unwrap() > 0.0, "{st}");
 
     // `scale` changes the target and caps; invalid values are refused.

@@ -111,6 +111,14 @@ pub fn print_scale(a: &ScaleStatus) {
         a.desired,
         if a.panic { "; panic mode" } else { "" }
     );
+    if !a.in_flight_by_instance.is_empty() {
+        let per: Vec<String> = a
+            .in_flight_by_instance
+            .iter()
+            .map(|(i, n)| format!("{i} {n}"))
+            .collect();
+        println!("in flight: {}", per.join(", "));
+    }
     let s = &a.settings;
     let mut limits = Vec::new();
     if s.max_concurrency > 0 {
