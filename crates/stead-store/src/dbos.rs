@@ -570,7 +570,10 @@ pub(crate) async fn executor_ended(
     reason: &str,
 ) -> Result<()> {
     sqlx::query(
-        "UPDATE executors SET ended_at = $1, end_reason = $2 WHERE executor_id = $3 AND instance_id = $4 AND ended_at IS NULL",
+        // A new death needs a new recovery, even for an executor id that was
+        // taken over (and so recovered) before.
+        "UPDATE executors SET ended_at = $1, end_reason = $2, recovered_at = NULL \
+         WHERE executor_id = $3 AND instance_id = $4 AND ended_at IS NULL",
     )
     .bind(now_ms())
     .bind(reason)

@@ -81,6 +81,18 @@ fn count(execs: &[Value], wf: &str, step: u64, event: &str) -> usize {
         .count()
 }
 
+/// The dev log's last lines without the router's access lines (the tests
+/// poll through the router, which would drown everything else).
+fn quiet_tail(dev: &Dev) -> String {
+    let text: Vec<String> = dev
+        .log_text()
+        .lines()
+        .filter(|l| !l.contains("stead_router::access"))
+        .map(str::to_string)
+        .collect();
+    tail(&text.join("\n"), 80)
+}
+
 fn wait_for<T>(what: &str, within: Duration, dev: &Dev, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + within;
     loop {
@@ -90,7 +102,7 @@ fn wait_for<T>(what: &str, within: Duration, dev: &Dev, mut f: impl FnMut() -> O
         assert!(
             Instant::now() < deadline,
             "timed out waiting for {what}; dev log:\n{}",
-            tail(&dev.log_text(), 80)
+            quiet_tail(dev)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -593,4 +605,141 @@ fn rollout_waits_for_drain_and_survives_a_crash() {
         "rollout log:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+}
+
+/// `runs` times: a workflow's step 2 is running when its instance is killed
+/// with SIGKILL; returns, per run, the seconds from the kill to step 2
+/// starting again. Each run checks the workflow completes with step 1 run
+/// once.
+fn kill_and_time(dev: &Dev, app: &str, trigger: &str, runs: usize) -> Vec<f64> {
+    let mut samples = Vec::new();
+    for run in 0..runs {
+        let gate = format!("bench-{trigger}-{run}");
+        let wf = start_gated(dev, app, 3, 0.2, Some((&gate, 2)));
+        let executor = wait_for("step 2", Duration::from_secs(60), dev, || {
+            executions(dev, app)
+                .iter()
+                .find(|e| {
+                    e["workflow_id"] == wf.as_str() && e["step"] == 2 && e["event"] == "start"
+                })
+                .and_then(|e| e["executor"].as_str().map(str::to_string))
+        });
+        let status = dev.json(&["apps", "status", app, "--json"]);
+        let pid = status["instances"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|i| i["executor_id"] == executor.as_str() && i["state"] == "ready")
+            })
+            .and_then(|i| i["pid"].as_u64())
+            .expect("pid of the instance running step 2");
+        let killed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        assert!(std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success());
+        let restarted = wait_for(
+            "step 2 to start again",
+            Duration::from_secs(120),
+            dev,
+            || {
+                executions(dev, app)
+                    .iter()
+                    .filter(|e| {
+                        e["workflow_id"] == wf.as_str() && e["step"] == 2 && e["event"] == "start"
+                    })
+                    .filter_map(|e| e["ts"].as_f64())
+                    .find(|ts| *ts > killed)
+            },
+        );
+        samples.push(restarted - killed);
+        open_gate(dev, app, &gate);
+        wait_for(
+            "the workflow to finish",
+            Duration::from_secs(120),
+            dev,
+            || workflow_status(dev, app, &wf).filter(|s| s == "SUCCESS"),
+        );
+        let ex = executions(dev, app);
+        assert_eq!(count(&ex, &wf, 1, "start"), 1, "step 1 ran once: {ex:?}");
+    }
+    samples
+}
+
+/// Recovery-time benchmark (not a timed test: run by `scripts/bench
+/// recovery`, with `--ignored`): kill -9 of the instance running step 2 of a
+/// workflow, to step 2 starting again, per trigger, `STEAD_BENCH_RUNS` runs
+/// (default 20). Prints one JSON line per trigger.
+#[test]
+#[ignore]
+fn bench_recovery() {
+    let runs: usize = std::env::var("STEAD_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dev = Dev::start(tmp.path());
+    let triggers = [
+        ("database", "dbos-python", None),
+        ("admin", "dbos-python2", None),
+        ("executor-id", "dbos-python", Some("executor-id")),
+    ];
+    let only = std::env::var("STEAD_BENCH_TRIGGERS").unwrap_or_default();
+    for (trigger, example, mode) in triggers {
+        if !only.is_empty() && !only.split(',').any(|t| t == trigger) {
+            continue;
+        }
+        let app = format!("bench-{}", trigger.replace('-', ""));
+        let dir = copy_example(example, &tmp.path().join(&app));
+        if let Some(mode) = mode {
+            std::fs::write(
+                dir.join("stead.toml"),
+                format!(
+                    "name = \"{app}\"\n[build]\nlanguage = \"python\"\n[run]\nstart = \"python3 app.py\"\nport = 8000\nhealth = \"/healthz\"\n[dbos]\nrecovery = \"{mode}\"\n"
+                ),
+            )
+            .expect("write");
+        }
+        dev.ok(&[
+            "deploy",
+            dir.to_str().expect("path"),
+            "--app",
+            &app,
+            "--timeout",
+            "900",
+        ]);
+        let mut samples = kill_and_time(&dev, &app, trigger, runs);
+        samples.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
+        println!(
+            "{}",
+            serde_json::json!({"bench": "recovery", "trigger": trigger, "example": example, "runs": samples.len(),
+                "median_s": pct(0.5), "p95_s": pct(0.95), "min_s": samples[0], "max_s": samples[samples.len() - 1],
+                "samples_s": samples})
+        );
+    }
+}
+
+/// The executor-id trigger, twice in a row on the same identity: the
+/// replacement of a replacement must take over (and recover) again.
+#[test]
+fn executor_id_trigger_recovers_repeated_deaths() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dev = Dev::start(tmp.path());
+    let app = "wf-exid";
+    let dir = copy_example("dbos-python", tmp.path());
+    std::fs::write(
+        dir.join("stead.toml"),
+        format!(
+            "name = \"{app}\"\n[build]\nlanguage = \"python\"\n[run]\nstart = \"python3 app.py\"\nport = 8000\nhealth = \"/healthz\"\n[dbos]\nrecovery = \"executor-id\"\n"
+        ),
+    )
+    .expect("write");
+    dev.ok(&["deploy", dir.to_str().expect("path"), "--timeout", "900"]);
+    let samples = kill_and_time(&dev, app, "executor-id", 2);
+    eprintln!("executor-id recovery: {samples:?} s from kill -9 to the step starting again");
 }
