@@ -303,7 +303,8 @@ async fn resolve_loop(shared: Arc<Shared>) {
             known: etag.clone(),
             cpu_millis,
             cpu_period_ms,
-            // Filled by the DBOS system-database reader.
+            // The control plane reads each app's system database itself
+            // (see `version_work` in the store); agents report nothing here.
             queued_workflows: BTreeMap::new(),
         };
         let sent = tokio::time::Instant::now();

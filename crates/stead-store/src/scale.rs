@@ -381,6 +381,21 @@ impl Store {
             out.queued
                 .insert(get_i64(r, "app_id")?, to_u64(get_i64(r, "n")?));
         }
+        // The control plane's own reading of each app's system database
+        // (PENDING and ENQUEUED workflows of every version), kept fresh by
+        // its durable-execution loop: an app with work is never scaled to
+        // zero, and queued work counts as demand.
+        for r in &sqlx::query(
+            "SELECT app_id, CAST(SUM(pending + enqueued) AS BIGINT) AS n FROM version_work WHERE checked_at >= $1 GROUP BY app_id",
+        )
+        .bind(crate::now_ms() - 30_000)
+        .fetch_all(&self.pool)
+        .await?
+        {
+            let n = to_u64(get_opt_i64(r, "n")?.unwrap_or(0));
+            let e = out.queued.entry(get_i64(r, "app_id")?).or_default();
+            *e = (*e).max(n);
+        }
         Ok(out)
     }
 

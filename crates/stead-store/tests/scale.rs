@@ -33,7 +33,41 @@ both!(
     decision_state_is_written_optimistically,
     scale_settings_override_until_a_later_deploy,
     ready_instances_are_counted_per_active_version,
+    system_database_work_counts_as_queued,
 );
+
+/// The control plane's own reading of an app's system database (version
+/// work) is queued work for the autoscaler, while it is fresh.
+async fn system_database_work_counts_as_queued(store: Store) {
+    let web = app(&store, "web", "").await;
+    assert_eq!(
+        store
+            .scale_inputs(WINDOW, HOSTS)
+            .await
+            .unwrap()
+            .queued
+            .get(&web),
+        None
+    );
+    store.set_version_work(web, 1, 2, 3).await.unwrap();
+    store.set_version_work(web, 2, 1, 0).await.unwrap();
+    let inputs = store.scale_inputs(WINDOW, HOSTS).await.unwrap();
+    assert_eq!(inputs.queued.get(&web), Some(&6));
+    // A stale reading does not count.
+    sqlx::query("UPDATE version_work SET checked_at = 0")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .scale_inputs(WINDOW, HOSTS)
+            .await
+            .unwrap()
+            .queued
+            .get(&web),
+        None
+    );
+}
 
 const WINDOW: Duration = Duration::from_secs(60);
 const HOSTS: Duration = Duration::from_secs(30);
