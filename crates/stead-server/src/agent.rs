@@ -97,13 +97,19 @@ pub(crate) async fn heartbeat(
     let (intended, etag) =
         crate::scaling::long_poll(&state, req.known.as_deref(), wait, || async {
             let t0 = std::time::Instant::now();
-            let alive = state
+            let mut alive: Vec<(String, Vec<String>)> = state
                 .store
-                .alive_host_ids(state.config.host_timeout)
-                .await?;
-            let intended = match alive.iter().position(|h| h == &req.host_id) {
-                Some(me) => intended_for_host(&state, &req.host_id, me, alive.len()).await?,
-                None => IntendedHostState::default(),
+                .list_hosts(state.config.host_timeout)
+                .await?
+                .into_iter()
+                .filter(|h| h.state == "alive")
+                .map(|h| (h.id, h.backends))
+                .collect();
+            alive.sort();
+            let intended = if alive.iter().any(|(h, _)| h == &req.host_id) {
+                intended_for_host(&state, &req.host_id, &alive).await?
+            } else {
+                IntendedHostState::default()
             };
             let etag = crate::scaling::etag(&intended);
             tracing::debug!(host = %req.host_id, ms = t0.elapsed().as_secs_f64() * 1000.0, "intended state computed");
@@ -133,11 +139,26 @@ fn run_spec(config: &stead_api::AppConfig) -> RunSpec {
 /// it starts), spread over the alive hosts; old versions that still own
 /// workflows (kept, or started again, until they drain); and the recovery
 /// orders this host's instances must carry out.
+/// The alive hosts (sorted by id) that can run `sandbox`, and this host's
+/// index among them: placement only considers hosts with the app's backend.
+fn eligible(
+    alive: &[(String, Vec<String>)],
+    host_id: &str,
+    sandbox: Option<&str>,
+) -> (usize, Option<usize>) {
+    let backend = sandbox.unwrap_or("process");
+    let hosts: Vec<&String> = alive
+        .iter()
+        .filter(|(_, b)| b.iter().any(|x| x == backend) || (b.is_empty() && backend == "process"))
+        .map(|(h, _)| h)
+        .collect();
+    (hosts.len(), hosts.iter().position(|h| *h == host_id))
+}
+
 async fn intended_for_host(
     state: &AppState,
     host_id: &str,
-    me: usize,
-    hosts: usize,
+    alive: &[(String, Vec<String>)],
 ) -> Result<IntendedHostState, ApiError> {
     let mut intended = IntendedHostState::default();
     let mut by_app: BTreeMap<i64, Vec<stead_store::ActiveApp>> = BTreeMap::new();
@@ -230,6 +251,13 @@ async fn intended_for_host(
             });
         };
         for app in &entries {
+            let (hosts, me) = eligible(alive, host_id, app.config.sandbox.as_deref());
+            let Some(me) = me else {
+                if hosts == 0 {
+                    tracing::warn!(app = %app.name, version = app.version, sandbox = ?app.config.sandbox, "no alive host offers the app's sandbox backend");
+                }
+                continue;
+            };
             let counts = place(
                 scale.count(app.app_id, app.version, app.min, app.max),
                 hosts,
@@ -263,11 +291,8 @@ async fn intended_for_host(
             // Keep what runs; with nothing left anywhere, the first host
             // starts one so the version's work can finish.
             let here = mine(version).len() as u32;
-            let count = if live_anywhere == 0 && me == 0 {
-                1
-            } else {
-                here
-            };
+            let first = eligible(alive, host_id, v.config.sandbox.as_deref()).1 == Some(0);
+            let count = if live_anywhere == 0 && first { 1 } else { here };
             if count == 0 {
                 continue;
             }
@@ -541,4 +566,25 @@ pub(crate) async fn instance_logs(
         .await?;
     state.changed();
     Ok(Json(serde_json::json!({"accepted": accepted})))
+}
+
+#[cfg(test)]
+mod eligible_tests {
+    use super::eligible;
+
+    #[test]
+    fn placement_only_counts_hosts_with_the_backend() {
+        let alive = vec![
+            ("a".to_string(), vec!["process".to_string()]),
+            (
+                "b".to_string(),
+                vec!["process".to_string(), "gvisor".to_string()],
+            ),
+            ("c".to_string(), vec![]),
+        ];
+        assert_eq!(eligible(&alive, "b", Some("gvisor")), (1, Some(0)));
+        assert_eq!(eligible(&alive, "a", Some("gvisor")), (1, None));
+        assert_eq!(eligible(&alive, "c", None), (3, Some(2)));
+        assert_eq!(eligible(&alive, "a", Some("firecracker")), (0, None));
+    }
 }
