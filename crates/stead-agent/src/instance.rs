@@ -64,7 +64,12 @@ pub(crate) struct Instance {
     /// workflows of dead executors through the admin endpoint).
     pub dbos_admin: bool,
     pub health_timeout: Duration,
+    /// When it first passed its health check.
+    pub ready_since: Option<i64>,
 }
+
+/// An instance ready for this long before it dies was not crash-looping.
+const STABLE_MS: i64 = 1_000;
 
 pub(crate) fn instance_dir(shared: &Shared, id: &str) -> PathBuf {
     shared.instances_dir().join(id)
@@ -136,6 +141,9 @@ async fn set_phase(shared: &Shared, id: &str, phase: Phase, exit: Option<String>
             _ => true,
         };
         if allowed && i.phase != phase {
+            if phase == Phase::Ready && i.ready_since.is_none() {
+                i.ready_since = Some(now_ms());
+            }
             i.phase = phase;
             if exit.is_some() {
                 i.exit = exit;
@@ -173,6 +181,7 @@ pub(crate) async fn start(shared: &Arc<Shared>, spec: IntendedApp, executor_id: 
                 tasks: Vec::new(),
                 stopped_by_agent: false,
                 dbos_admin: false,
+                ready_since: None,
                 health_timeout: Duration::from_secs(u64::from(spec.run.health_timeout_s)),
             },
         );
@@ -396,13 +405,23 @@ async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
         let record = record.clone();
         tasks.push(tokio::spawn(async move {
             let info = process.wait().await;
-            let stopped_by_agent = {
+            let (stopped_by_agent, ready_since) = {
                 let instances = shared.instances.lock().await;
-                instances.get(&record.id).map(|i| i.stopped_by_agent).unwrap_or(true)
+                instances
+                    .get(&record.id)
+                    .map(|i| (i.stopped_by_agent, i.ready_since))
+                    .unwrap_or((true, None))
             };
             if !stopped_by_agent {
                 tracing::warn!(app = %record.app, version = record.version, instance = %record.id, host = %shared.config.name, exit = %info.description, "instance exited");
-                shared.history.lock().await.record(&record.app, record.version, now_ms());
+                // Only a crash before (or right after) becoming ready counts
+                // towards the crash-loop backoff: an instance that served
+                // and then died is replaced at once, so its workflows
+                // resume without waiting.
+                let served = ready_since.is_some_and(|t| now_ms() - t >= STABLE_MS);
+                if !served {
+                    shared.history.lock().await.record(&record.app, record.version, now_ms());
+                }
             }
             set_phase(&shared, &record.id, Phase::Exited { at: now_ms() }, Some(info.description)).await;
         }));
@@ -650,6 +669,7 @@ pub(crate) async fn adopt_all(shared: &Arc<Shared>) {
                         tasks: Vec::new(),
                         stopped_by_agent: false,
                         dbos_admin: false,
+                        ready_since: None,
                         health_timeout: Duration::from_secs(u64::from(record.run.health_timeout_s)),
                     },
                 );
@@ -676,6 +696,7 @@ pub(crate) async fn adopt_all(shared: &Arc<Shared>) {
                         tasks: Vec::new(),
                         stopped_by_agent: false,
                         dbos_admin: false,
+                        ready_since: None,
                         health_timeout: Duration::from_secs(u64::from(record.run.health_timeout_s)),
                     },
                 );
