@@ -48,6 +48,10 @@ pub enum AppDatabases {
 /// an older reading keeps the version running (the safe side).
 pub(crate) const WORK_FRESH: Duration = Duration::from_secs(10);
 
+/// A dead executor is taken over by a replacement under its id only this
+/// soon after its death; later, its work is re-enqueued instead.
+pub(crate) const TAKEOVER_WINDOW_MS: i64 = 10_000;
+
 /// Unknown executors owning PENDING work are recovered only after they have
 /// stayed unknown this long (a brand-new instance may claim work before its
 /// first heartbeat names it).
@@ -304,10 +308,18 @@ pub(crate) fn plan(
             .iter()
             .filter(|i| i.version == d.version)
             .collect();
-        match mode_for(
+        let mode = mode_for(
             modes.get(&d.version).map(String::as_str).unwrap_or("auto"),
             &by_version,
-        ) {
+        );
+        // Taking over an identity only makes sense for a replacement of a
+        // recent death; older (or swept) dead executors are re-enqueued.
+        let mode = if mode == "executor-id" && now_ms - d.ended_at_ms > TAKEOVER_WINDOW_MS {
+            "database"
+        } else {
+            mode
+        };
+        match mode {
             "admin" => p
                 .admin
                 .entry(d.version)
@@ -417,6 +429,16 @@ async fn app_pass(
             .collect();
         let configured = version_recovery(state, app.id, version).await?;
         let mode = mode_for(&configured, &live);
+        let now = stead_store::now_ms();
+        let recent = dead
+            .iter()
+            .filter(|d| d.version == version)
+            .any(|d| now - d.ended_at_ms <= TAKEOVER_WINDOW_MS);
+        let mode = if mode == "executor-id" && !recent {
+            "database"
+        } else {
+            mode
+        };
         let ready = live.iter().find(|i| i.state == InstanceState::Ready);
         match (mode, ready) {
             ("database", Some(ready)) => {
@@ -766,6 +788,25 @@ mod tests {
             p.reuse.get(&3),
             Some(&vec!["d3".to_string()]),
             "override: executor id"
+        );
+    }
+
+    #[test]
+    fn old_deaths_are_not_taken_over_by_identity() {
+        let mut modes = HashMap::new();
+        modes.insert(1, "executor-id".to_string());
+        let p = plan(
+            Some(1),
+            None,
+            &[],
+            &[],
+            &[dead("d", 1)],
+            &modes,
+            TAKEOVER_WINDOW_MS + 1,
+        );
+        assert!(
+            !p.reuse.contains_key(&1),
+            "a death older than the window is re-enqueued instead"
         );
     }
 

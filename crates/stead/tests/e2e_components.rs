@@ -453,4 +453,19 @@ fn agent_and_control_plane_die_separately_during_workflows() {
         recovered,
         "the event log must show the recovery of {victim}: {events}"
     );
+
+    // A production agent leaves its instances running when it stops (so a
+    // restart costs nothing): delete the app so the test leaves none behind.
+    c.ok(&["apps", "delete", app, "--yes"]);
+    let instances = tmp.path().join("agent/instances");
+    c.wait(
+        "the app's instances to stop",
+        Duration::from_secs(60),
+        || {
+            let left = std::fs::read_dir(&instances)
+                .map(|d| d.count())
+                .unwrap_or(0);
+            (left == 0).then_some(())
+        },
+    );
 }

@@ -373,6 +373,37 @@ fn dbos_python_current_on_postgres() {
         db["app_url"].as_str().unwrap_or("").contains("****"),
         "passwords are masked: {db}"
     );
+    // Another app gets a database and role of its own; neither role can
+    // open the other's database.
+    let other = "wf-py3-pg-other";
+    let hello = copy_example("hello-python", &tmp.path().join("other"));
+    dev.ok(&["deploy", hello.to_str().expect("path"), "--app", other]);
+    let mine = dev.ok(&["db", "url", app]).trim().to_string();
+    let theirs = dev.ok(&["db", "url", other]).trim().to_string();
+    let psql = |url: &str| {
+        std::process::Command::new("psql")
+            .args([url, "-tAc", "select 1"])
+            .output()
+            .expect("psql")
+    };
+    let own = psql(&mine);
+    assert!(
+        own.status.success(),
+        "an app's role opens its own database: {}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+    let their_db = theirs.rsplit('/').next().expect("db name");
+    let (base, _) = mine.rsplit_once('/').expect("url");
+    let cross = psql(&format!("{base}/{their_db}"));
+    assert!(
+        !cross.status.success(),
+        "app {app}'s role must not open {other}'s database"
+    );
+    assert!(
+        String::from_utf8_lossy(&cross.stderr).contains("permission denied"),
+        "{}",
+        String::from_utf8_lossy(&cross.stderr)
+    );
     kill_mid_step(&dev, app);
     deploy_during_workflow(&dev, app, &dir);
     platform_crash_during_workflow(&mut dev, app);
@@ -742,4 +773,86 @@ fn executor_id_trigger_recovers_repeated_deaths() {
     dev.ok(&["deploy", dir.to_str().expect("path"), "--timeout", "900"]);
     let samples = kill_and_time(&dev, app, "executor-id", 2);
     eprintln!("executor-id recovery: {samples:?} s from kill -9 to the step starting again");
+}
+
+/// PENDING work owned by an executor the platform never knew (here: the
+/// app run by hand against its system database, then killed) is found by
+/// the periodic sweep and recovered onto the app's instance.
+#[test]
+fn sweep_recovers_work_of_unknown_executors() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dev = Dev::start(tmp.path());
+    let app = "wf-sweep";
+    deploy_example(&dev, "dbos-python", app, tmp.path());
+    // A first workflow on the platform, so the app's files in its data
+    // folder are created by the instance's own (unprivileged) user, as the
+    // hand-run process below runs as root.
+    let first = start_workflow(&dev, app, 1, 0.0);
+    wait_for("the first workflow", Duration::from_secs(60), &dev, || {
+        workflow_status(&dev, app, &first).filter(|s| s == "SUCCESS")
+    });
+    let v1 = dev.data_dir.join("agent/apps").join(app).join("v1");
+    let data = dev.data_dir.join("agent/appdata").join(app);
+    let port = common::free_port();
+    let mut foreign = std::process::Command::new(v1.join(".venv/bin/python3"))
+        .arg("app.py")
+        .current_dir(&v1)
+        .env("PORT", port.to_string())
+        .env("DBOS__VMID", "foreign-executor")
+        .env("DBOS__APPVERSION", "1")
+        // As an instance of this app would have had (the first app of a
+        // fresh platform has id 1): one that vanished without a trace.
+        .env("DBOS__APPID", "1")
+        .env("DBOS_APP_NAME", app)
+        .env("STEAD_DATA_DIR", &data)
+        .env(
+            "DBOS_SYSTEM_DATABASE_URL",
+            format!("sqlite:///{}", data.join("dbos_system.sqlite").display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run the app by hand");
+    let base = format!("http://127.0.0.1:{port}");
+    let wf = wait_for(
+        "the hand-run app to answer",
+        Duration::from_secs(60),
+        &dev,
+        || {
+            let r = http()
+                .post(format!(
+                    "{base}/workflows/start?steps=3&step_seconds=0.2&gate=sweep&gate_step=2"
+                ))
+                .send()
+                .ok()?;
+            let v: Value = r.json().ok()?;
+            v["workflow_id"].as_str().map(str::to_string)
+        },
+    );
+    wait_for(
+        "step 2 on the foreign executor",
+        Duration::from_secs(60),
+        &dev,
+        || (count(&executions(&dev, app), &wf, 2, "start") > 0).then_some(()),
+    );
+    let _ = foreign.kill();
+    let _ = foreign.wait();
+    open_gate(&dev, app, "sweep");
+    wait_for(
+        "the sweep to recover the workflow",
+        Duration::from_secs(120),
+        &dev,
+        || workflow_status(&dev, app, &wf).filter(|s| s == "SUCCESS"),
+    );
+    let ex = executions(&dev, app);
+    assert_eq!(
+        count(&ex, &wf, 1, "start"),
+        1,
+        "step 1 had completed: {ex:?}"
+    );
+    let rerun = ex
+        .iter()
+        .filter(|e| e["workflow_id"] == wf.as_str() && e["step"] == 2 && e["event"] == "start")
+        .any(|e| e["executor"] != "foreign-executor");
+    assert!(rerun, "step 2 ran again on the platform's instance: {ex:?}");
 }

@@ -105,7 +105,10 @@ impl Dev {
                 &format!("127.0.0.1:{}", self.router_port),
             ])
             .env("STEAD_CONFIG_DIR", &self.config_dir)
-            .env("STEAD_LOG", "info,sqlx=warn")
+            .env(
+                "STEAD_LOG",
+                std::env::var("STEAD_TEST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
