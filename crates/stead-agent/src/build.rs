@@ -248,11 +248,35 @@ async fn build(
     env.insert("DBOS__APPVERSION".into(), task.version.to_string());
     env.insert("DBOS__APPID".into(), task.app_id.clone());
     env.insert("DBOS_APP_NAME".into(), task.app.clone());
+    // Package caches shared by all builds on this host: a rebuild of the
+    // same requirements downloads nothing.
+    let cache = shared.config.data_dir.join("cache");
+    env.insert(
+        "PIP_CACHE_DIR".into(),
+        cache.join("pip").display().to_string(),
+    );
+    env.insert(
+        "npm_config_cache".into(),
+        cache.join("npm").display().to_string(),
+    );
+    env.insert("PIP_DISABLE_PIP_VERSION_CHECK".into(), "1".into());
 
-    let steps = task
-        .build
+    let setup = language_steps(task.language.as_deref(), &dir);
+    if task.language.as_deref() == Some("python") {
+        // Build and migration commands run with the virtualenv active, as
+        // DBOS Cloud does.
+        let venv = dir.join(".venv");
+        let path = env.get("PATH").cloned().unwrap_or_default();
+        env.insert(
+            "PATH".into(),
+            format!("{}:{path}", venv.join("bin").display()),
+        );
+        env.insert("VIRTUAL_ENV".into(), venv.display().to_string());
+    }
+    let steps = setup
         .iter()
-        .map(|c| ("build", c))
+        .map(|c| ("setup", c))
+        .chain(task.build.iter().map(|c| ("build", c)))
         .chain(task.migrate.iter().map(|c| ("migration", c)));
     for (n, (kind, command)) in steps.enumerate() {
         let _ = log.send(system_line(format!("$ {command}")));
@@ -423,4 +447,76 @@ pub(crate) async fn ensure_artifact(
         .await
         .map_err(io("recording the artifact"))?;
     Ok(dir)
+}
+
+/// The language's own install steps, run before the app's build commands:
+/// a virtualenv with `requirements.txt` for Python, `npm ci` (and the
+/// `build` script when there is one) for Node.
+fn language_steps(language: Option<&str>, dir: &std::path::Path) -> Vec<String> {
+    match language {
+        Some("python") => {
+            let mut steps = vec!["python3 -m venv .venv".to_string()];
+            if dir.join("requirements.txt").is_file() {
+                steps.push(".venv/bin/pip install -r requirements.txt".to_string());
+            }
+            steps
+        }
+        Some("node") | Some("typescript") => {
+            let mut steps = Vec::new();
+            if dir.join("package-lock.json").is_file() {
+                steps.push("npm ci".to_string());
+            } else if dir.join("package.json").is_file() {
+                steps.push("npm install".to_string());
+            }
+            let has_build = std::fs::read(dir.join("package.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|v| v["scripts"]["build"].is_string());
+            if has_build {
+                steps.push("npm run build".to_string());
+            }
+            steps
+        }
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_gets_a_virtualenv_with_its_requirements() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(
+            language_steps(Some("python"), d.path()),
+            vec!["python3 -m venv .venv"]
+        );
+        std::fs::write(d.path().join("requirements.txt"), "dbos\n").unwrap();
+        assert_eq!(
+            language_steps(Some("python"), d.path()),
+            vec![
+                "python3 -m venv .venv",
+                ".venv/bin/pip install -r requirements.txt"
+            ]
+        );
+    }
+
+    #[test]
+    fn node_gets_npm_ci_and_build_when_there_is_a_build_script() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("package.json"),
+            r#"{"scripts":{"build":"tsc"}}"#,
+        )
+        .unwrap();
+        std::fs::write(d.path().join("package-lock.json"), "{}").unwrap();
+        assert_eq!(
+            language_steps(Some("node"), d.path()),
+            vec!["npm ci", "npm run build"]
+        );
+        std::fs::write(d.path().join("package.json"), r#"{"scripts":{}}"#).unwrap();
+        assert_eq!(language_steps(Some("node"), d.path()), vec!["npm ci"]);
+        assert!(language_steps(None, d.path()).is_empty());
+    }
 }
