@@ -856,3 +856,17 @@ fn sweep_recovers_work_of_unknown_executors() {
         .any(|e| e["executor"] != "foreign-executor");
     assert!(rerun, "step 2 ran again on the platform's instance: {ex:?}");
 }
+
+/// The Rust `dbos` crate (PostgreSQL only): killed mid-step, its workflow
+/// completes on the replacement without re-running completed steps.
+#[test]
+fn dbos_rust_on_postgres() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = rt.block_on(stead_store::testing::postgres_database());
+    let tmp = tempfile::tempdir().expect("tmp");
+    let admin = pg.admin_url().to_string();
+    let dev = Dev::start_with_env(tmp.path(), &[("STEAD_APP_DATABASE_URL", admin.as_str())]);
+    let app = "wf-rust-pg";
+    deploy_example(&dev, "dbos-rust", app, tmp.path());
+    kill_mid_step(&dev, app);
+}
