@@ -153,6 +153,71 @@ fn python_example_deploys_and_answers() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("hello-python"));
 
+    // `stead login` stores a URL and token that later commands use.
+    let login_dir = tmp.path().join("login-config");
+    let out = std::process::Command::new(common::BIN)
+        .env("STEAD_CONFIG_DIR", &login_dir)
+        .env_remove("STEAD_API")
+        .env_remove("STEAD_TOKEN")
+        .args(["login", "--api", &dev.api(), "--token", &dev.token()])
+        .output()
+        .expect("login");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = std::process::Command::new(common::BIN)
+        .env("STEAD_CONFIG_DIR", &login_dir)
+        .env_remove("STEAD_API")
+        .env_remove("STEAD_TOKEN")
+        .args(["apps", "list", "--json"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello-python"));
+    // A wrong token is refused by login, and nothing is stored.
+    let bad_dir = tmp.path().join("bad-login");
+    let out = std::process::Command::new(common::BIN)
+        .env("STEAD_CONFIG_DIR", &bad_dir)
+        .args(["login", "--api", &dev.api(), "--token", "stead_wrong"])
+        .output()
+        .expect("login");
+    assert!(!out.status.success());
+    assert!(!bad_dir.join("credentials.json").exists());
+
+    // `stead logs -f` follows new lines as they come.
+    let mut follow = dev
+        .cli()
+        .args(["logs", "hello-python", "-f", "-n", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("logs -f");
+    let stdout = follow.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let marker = "/follow-marker-path";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = false;
+    while std::time::Instant::now() < deadline && !seen {
+        let _ = dev.get("hello-python", marker);
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            seen = line.contains(marker);
+            while let Ok(more) = rx.try_recv() {
+                seen |= more.contains(marker);
+            }
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(seen, "`stead logs -f` did not show the app's new log line");
+
     // The OpenAPI document is served and names the deploy endpoint.
     let doc: serde_json::Value = reqwest::blocking::get(format!("{}/v1/openapi.json", dev.api()))
         .expect("openapi")
