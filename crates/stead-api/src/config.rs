@@ -506,6 +506,24 @@ migrate = ["python3 migrate.py"]
         assert_eq!((back.sandbox, back.egress), (None, false));
     }
 
+    /// The README's documented stead.toml must stay valid.
+    #[test]
+    fn readme_example_parses() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```toml\nname = ")
+            .expect("a toml block in the README")
+            + "```toml\n".len();
+        let end = start + readme[start..].find("```").expect("end of block");
+        let c = AppConfig::from_stead_toml(&readme[start..end]).unwrap();
+        assert_eq!(c.name, "hello");
+        assert_eq!(c.language.as_deref(), Some("python"));
+        assert_eq!(
+            (c.recovery.as_str(), c.admin_port, c.health_timeout_s),
+            ("auto", 3001, 30)
+        );
+    }
+
     #[test]
     fn minimal_config_gets_defaults() {
         let c = AppConfig::from_stead_toml("name = \"abc\"\n[run]\nstart = \"./x\"\n").unwrap();
