@@ -233,11 +233,19 @@ impl Pools {
 
 /// The recovery mode for one version: the override from its config, else
 /// `admin` when its ready instances run the DBOS admin server, else
-/// `database`.
-fn mode_for(configured: &str, instances: &[&InstanceInfo]) -> &'static str {
+/// `database`. Taking over an identity (`executor-id`) only makes sense for
+/// the replacement of a recent death (`died_at_ms`); older or swept dead
+/// executors are re-enqueued instead.
+fn mode_for(
+    configured: &str,
+    instances: &[&InstanceInfo],
+    died_at_ms: i64,
+    now_ms: i64,
+) -> &'static str {
     match configured {
         "admin" => "admin",
         "database" => "database",
+        "executor-id" if now_ms - died_at_ms > TAKEOVER_WINDOW_MS => "database",
         "executor-id" => "executor-id",
         "none" => "none",
         _ if instances
@@ -311,14 +319,9 @@ pub(crate) fn plan(
         let mode = mode_for(
             modes.get(&d.version).map(String::as_str).unwrap_or("auto"),
             &by_version,
+            d.ended_at_ms,
+            now_ms,
         );
-        // Taking over an identity only makes sense for a replacement of a
-        // recent death; older (or swept) dead executors are re-enqueued.
-        let mode = if mode == "executor-id" && now_ms - d.ended_at_ms > TAKEOVER_WINDOW_MS {
-            "database"
-        } else {
-            mode
-        };
         match mode {
             "admin" => p
                 .admin
@@ -428,17 +431,13 @@ async fn app_pass(
             .filter(|i| i.version == version && i.host_heartbeat_ms >= alive_cutoff)
             .collect();
         let configured = version_recovery(state, app.id, version).await?;
-        let mode = mode_for(&configured, &live);
-        let now = stead_store::now_ms();
-        let recent = dead
+        let last_death = dead
             .iter()
             .filter(|d| d.version == version)
-            .any(|d| now - d.ended_at_ms <= TAKEOVER_WINDOW_MS);
-        let mode = if mode == "executor-id" && !recent {
-            "database"
-        } else {
-            mode
-        };
+            .map(|d| d.ended_at_ms)
+            .max()
+            .unwrap_or(0);
+        let mode = mode_for(&configured, &live, last_death, stead_store::now_ms());
         let ready = live.iter().find(|i| i.state == InstanceState::Ready);
         match (mode, ready) {
             ("database", Some(ready)) => {

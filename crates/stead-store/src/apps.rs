@@ -560,23 +560,7 @@ impl Store {
         // version's instances start (from its existing build) and it becomes
         // active once one is ready, so traffic never meets an empty app.
         // Rolling back to the active version cancels a pending target.
-        let target = if Some(number) == active {
-            None
-        } else {
-            Some(number)
-        };
-        sqlx::query("UPDATE apps SET target_version = $1 WHERE id = $2")
-            .bind(target)
-            .bind(app_id)
-            .execute(&mut *tx)
-            .await?;
-        if target.is_some() {
-            sqlx::query("UPDATE versions SET exits = 0 WHERE app_id = $1 AND number = $2")
-                .bind(app_id)
-                .bind(number)
-                .execute(&mut *tx)
-                .await?;
-        }
+        crate::dbos::set_target(&mut tx, app_id, to_u32(number)).await?;
         insert_event(
             &mut tx,
             app_id,

@@ -334,13 +334,7 @@ impl Store {
                 .rows_affected()
                     == 1;
                 if activated {
-                    // Exits counted while it was not the target do not count
-                    // against it now.
-                    sqlx::query("UPDATE versions SET exits = 0 WHERE app_id = $1 AND number = $2")
-                        .bind(app_id)
-                        .bind(version)
-                        .execute(&mut *tx)
-                        .await?;
+                    crate::dbos::reset_start_failures(&mut tx, app_id, to_u32(version)).await?;
                     insert_event(
                         &mut tx,
                         app_id,

@@ -475,7 +475,9 @@ pub enum RolloutStep {
     Fail(String),
 }
 
-async fn set_target(
+/// Makes `version` the app's target (a rollout step or a rollback), or
+/// cancels a pending target when `version` is already the active one.
+pub(crate) async fn set_target(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     app_id: i64,
     version: u32,
@@ -487,6 +489,16 @@ async fn set_target(
     .bind(app_id)
     .execute(&mut **tx)
     .await?;
+    reset_start_failures(tx, app_id, version).await
+}
+
+/// Exits counted while a version was not the target do not count against
+/// it once it becomes the target again.
+pub(crate) async fn reset_start_failures(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    app_id: i64,
+    version: u32,
+) -> Result<()> {
     sqlx::query("UPDATE versions SET exits = 0 WHERE app_id = $1 AND number = $2")
         .bind(app_id)
         .bind(i64::from(version))
