@@ -145,6 +145,9 @@ pub(crate) struct Shared {
     /// Admin-endpoint recoveries under way, so one order is carried out
     /// once even though every heartbeat repeats it until it is reported.
     pub recovering: Mutex<std::collections::HashSet<String>>,
+    /// Deaths of admin-server instances seen here, awaiting recovery
+    /// through a live instance of the same version (see `recovery`).
+    pub witnessed: std::sync::Mutex<Vec<recovery::Witnessed>>,
     /// Measurements, counters and heartbeat acknowledgements.
     pub(crate) telemetry: metrics::Telemetry,
 }
@@ -223,6 +226,7 @@ pub async fn run(
         wake: Notify::new(),
         history: Mutex::new(ExitHistory::default()),
         recovering: Mutex::new(std::collections::HashSet::new()),
+        witnessed: std::sync::Mutex::new(Vec::new()),
         telemetry: metrics::Telemetry::default(),
         config,
     });
