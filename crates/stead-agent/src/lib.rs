@@ -295,15 +295,29 @@ async fn resolve_loop(shared: Arc<Shared>) {
     // this host within milliseconds, not at the next poll.
     let mut etag: Option<String> = None;
     let poll_ms = u64::try_from(shared.config.poll_interval.as_millis()).unwrap_or(1000);
+    // What the control plane last acknowledged of this host (each instance's
+    // state): a heartbeat that reports something new is not held, so that
+    // the decision that follows (replacing an instance that just died) is
+    // made at once rather than when the hold ends.
+    let mut acknowledged: Option<Vec<(String, stead_api::InstanceState)>> = None;
     loop {
         let seq = shared.telemetry.next_observation();
         let observed = instance::observe(&shared).await;
+        let summary: Vec<(String, stead_api::InstanceState)> = observed
+            .iter()
+            .map(|(_, o)| (o.id.clone(), o.state))
+            .collect();
+        let news = acknowledged.as_ref() != Some(&summary);
         let (cpu_millis, cpu_period_ms) = metrics::sample_cpu(&shared).await;
         let req = HeartbeatRequest {
             host_id: shared.host_id.clone(),
             session: shared.session.clone(),
             instances: observed.iter().map(|(_, o)| o.clone()).collect(),
-            wait_ms: if intended.is_some() { poll_ms } else { 0 },
+            wait_ms: if intended.is_some() && !news {
+                poll_ms
+            } else {
+                0
+            },
             known: etag.clone(),
             cpu_millis,
             cpu_period_ms,
@@ -324,6 +338,7 @@ async fn resolve_loop(shared: Arc<Shared>) {
         match reply {
             Ok(resp) => {
                 shared.telemetry.heartbeat_ok(seq, sent.elapsed());
+                acknowledged = Some(summary);
                 let held = sent.elapsed() >= shared.config.poll_interval / 2;
                 again = resp.etag.is_some() && (held || resp.etag != etag);
                 etag = resp.etag;

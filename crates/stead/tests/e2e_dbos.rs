@@ -847,6 +847,43 @@ fn kill_and_time(dev: &Dev, app: &str, trigger: &str, runs: usize) -> Vec<f64> {
     samples
 }
 
+/// The library restarted by hand (no Stead), `runs` times: the same app
+/// from the same virtualenv, killed -9 during step 2 and restarted at once
+/// under the same executor id, so its own startup recovery resumes it
+/// (`crates/stead-dbos/tools/recovery_check.py --mode baseline`). Returns
+/// the seconds from each kill to step 2 starting again.
+fn baseline_by_hand(lib: &str, python: &std::path::Path, runs: usize) -> Vec<f64> {
+    let tool = common::repo_root().join("crates/stead-dbos/tools/recovery_check.py");
+    let out = std::process::Command::new("python3")
+        .arg(&tool)
+        .args(["--app", lib, "--python"])
+        .arg(python)
+        .args([
+            "--db",
+            "sqlite",
+            "--mode",
+            "baseline",
+            "--runs",
+            &runs.to_string(),
+        ])
+        .output()
+        .expect("run recovery_check.py");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "baseline failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let figures: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("run "))
+        .filter_map(|l| l.rsplit(": ").next())
+        .filter_map(|f| f.trim_end_matches(" s").parse().ok())
+        .collect();
+    assert_eq!(figures.len(), runs, "{text}");
+    figures
+}
+
 /// Recovery-time benchmark (not a timed test: run by `scripts/bench
 /// recovery`, with `--ignored`): kill -9 of the instance running step 2 of a
 /// workflow, to step 2 starting again, per trigger, `STEAD_BENCH_RUNS` runs
@@ -889,14 +926,40 @@ fn bench_recovery() {
             "--timeout",
             "900",
         ]);
-        let mut samples = kill_and_time(&dev, &app, trigger, runs);
-        samples.sort_by(|a, b| a.total_cmp(b));
-        let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
+        // Platform and baseline alternate in blocks, so that the machine's
+        // load weighs on both alike.
+        let venv_python = dev
+            .data_dir
+            .join("agent/apps")
+            .join(&app)
+            .join("v1/.venv/bin/python3");
+        let lib = if example == "dbos-python2" {
+            "python2"
+        } else {
+            "python"
+        };
+        let block = runs.clamp(1, 5);
+        let (mut samples, mut base) = (Vec::new(), Vec::new());
+        while samples.len() < runs {
+            let n = block.min(runs - samples.len());
+            samples.extend(kill_and_time(&dev, &app, trigger, n));
+            base.extend(baseline_by_hand(lib, &venv_python, n));
+        }
+        let stats = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            let pct = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+            (pct(0.5), pct(0.95), pct(0.99))
+        };
+        let (median, p95, p99) = stats(&mut samples);
+        let (b_median, b_p95, _) = stats(&mut base);
         println!(
             "{}",
             serde_json::json!({"bench": "recovery", "trigger": trigger, "example": example, "runs": samples.len(),
-                "median_s": pct(0.5), "p95_s": pct(0.95), "min_s": samples[0], "max_s": samples[samples.len() - 1],
-                "samples_s": samples})
+                "median_s": median, "p95_s": p95, "p99_s": p99, "min_s": samples[0], "max_s": samples[samples.len() - 1],
+                "samples_s": samples,
+                "baseline_median_s": b_median, "baseline_p95_s": b_p95, "baseline_samples_s": base,
+                "ratio_median": median / b_median,
+                "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()})
         );
     }
 }
