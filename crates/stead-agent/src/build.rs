@@ -619,6 +619,75 @@ fn language_steps(language: Option<&str>, dir: &std::path::Path) -> Vec<String> 
 mod tests {
     use super::*;
 
+    fn lines(rx: &mut mpsc::UnboundedReceiver<NewLogLine>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            out.push(l.line);
+        }
+        out
+    }
+
+    /// A cached folder goes into the next build (times and modes kept, so
+    /// cargo trusts it), a build that brings the folder keeps its own, and
+    /// saving replaces the cache whole.
+    #[tokio::test]
+    async fn build_cache_is_restored_and_saved() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = root.path().join("cache");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // First build: nothing cached yet; its target is saved.
+        let v1 = root.path().join("v1");
+        std::fs::create_dir_all(v1.join("target/release")).unwrap();
+        std::fs::write(v1.join("target/release/app"), b"binary 1").unwrap();
+        restore_cache(&cache, &v1, "target", &tx).await;
+        assert!(lines(&mut rx).is_empty(), "nothing to restore");
+        save_cache(&cache, &v1, "target", &tx).await;
+        assert!(lines(&mut rx)[0].starts_with("saved build cache target"));
+        let mtime = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+        assert_eq!(
+            mtime(&cache.join("target/release/app")),
+            mtime(&v1.join("target/release/app")),
+            "modification times are kept"
+        );
+        // Second build: restored before it runs.
+        let v2 = root.path().join("v2");
+        std::fs::create_dir_all(&v2).unwrap();
+        restore_cache(&cache, &v2, "target", &tx).await;
+        assert!(lines(&mut rx)[0].starts_with("restored build cache target"));
+        assert_eq!(
+            std::fs::read(v2.join("target/release/app")).unwrap(),
+            b"binary 1"
+        );
+        // Its result replaces the cache, with nothing of the old one left.
+        std::fs::remove_file(v2.join("target/release/app")).unwrap();
+        std::fs::write(v2.join("target/release/app2"), b"binary 2").unwrap();
+        save_cache(&cache, &v2, "target", &tx).await;
+        assert!(!cache.join("target/release/app").exists());
+        assert_eq!(
+            std::fs::read(cache.join("target/release/app2")).unwrap(),
+            b"binary 2"
+        );
+        let strays: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "target")
+            .collect();
+        assert!(strays.is_empty(), "no temporary folders left: {strays:?}");
+        assert!(lines(&mut rx)[0].starts_with("saved build cache target"));
+        // A bundle that brings the folder keeps its own.
+        let v3 = root.path().join("v3");
+        std::fs::create_dir_all(v3.join("target")).unwrap();
+        std::fs::write(v3.join("target/mine"), b"x").unwrap();
+        restore_cache(&cache, &v3, "target", &tx).await;
+        assert!(!v3.join("target/release").exists());
+        // Paths that leave the folders are ignored, whatever the config said.
+        restore_cache(&cache, &v3, "../v1", &tx).await;
+        save_cache(&cache, &v3, "../escape", &tx).await;
+        assert!(!root.path().join("escape").exists());
+        assert!(lines(&mut rx).is_empty());
+    }
+
     #[test]
     fn python_gets_a_virtualenv_with_its_requirements() {
         let d = tempfile::tempdir().unwrap();

@@ -353,16 +353,50 @@ pub(crate) fn plan(
     p
 }
 
+/// The lease under which one replica at a time runs [`run_loop`]'s passes.
+pub(crate) const LEASE: &str = "durable-execution";
+
+/// How long the lease lasts without renewal: how soon another replica takes
+/// the loop over when its holder dies. Each pass renews it.
+const LEASE_TTL: Duration = Duration::from_secs(5);
+
 /// The background loop: version work, database recovery, sweep, rollouts.
+/// Every replica runs it, but only the holder of [`LEASE`] does the passes
+/// (everything they do is idempotent, so an overlap at a hand-over only
+/// repeats harmless work; the lease keeps the system databases from being
+/// read by every replica every half second).
 pub(crate) async fn run_loop(state: AppState, pools: std::sync::Arc<Pools>) {
     let mut orphans: HashMap<(i64, String), Instant> = HashMap::new();
     let mut last_sweep = Instant::now() - Duration::from_secs(60);
+    let mut holding = false;
     loop {
         if state
             .shutting_down
             .load(std::sync::atomic::Ordering::Relaxed)
         {
             return;
+        }
+        match state
+            .store
+            .acquire_lease(LEASE, &state.replica, LEASE_TTL)
+            .await
+        {
+            Ok(held) => {
+                if held != holding {
+                    tracing::info!(replica = %state.replica, held, "durable-execution lease {}", if held { "taken" } else { "lost" });
+                    holding = held;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the durable-execution lease; retrying");
+                holding = false;
+            }
+        }
+        if !holding {
+            // Another replica does the passes; check again before its lease
+            // could have expired.
+            tokio::time::sleep(LEASE_TTL / 3).await;
+            continue;
         }
         let sweep = last_sweep.elapsed() >= Duration::from_secs(5);
         if sweep {

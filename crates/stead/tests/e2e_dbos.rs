@@ -1074,8 +1074,14 @@ fn dbos_rust_on_postgres() {
     let pg = rt.block_on(stead_store::testing::postgres_database());
     let tmp = tempfile::tempdir().expect("tmp");
     let admin = pg.admin_url().to_string();
-    let dev = Dev::start_with_env(tmp.path(), &[("STEAD_APP_DATABASE_URL", admin.as_str())]);
+    let mut dev = Dev::start_with_env(tmp.path(), &[("STEAD_APP_DATABASE_URL", admin.as_str())]);
     let app = "wf-rust-pg";
-    deploy_example(&dev, "dbos-rust", app, tmp.path());
+    let dir = deploy_example(&dev, "dbos-rust", app, tmp.path());
     kill_mid_step(&dev, app);
+    // The second build of the app reuses the first one's `target` (its
+    // `[build] cache`): only the app crate is compiled again.
+    deploy_during_workflow(&dev, app, &dir);
+    let log = dev.ok(&["logs", app, "--build", "--version", "2"]);
+    assert!(log.contains("restored build cache target"), "{log}");
+    platform_crash_during_workflow(&mut dev, app);
 }
