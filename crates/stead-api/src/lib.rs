@@ -66,6 +66,13 @@ pub struct ServerInfo {
     /// Domain under which apps are served as `<app>.<domain>`.
     pub domain: String,
     pub database: String,
+    /// This control-plane replica's name.
+    #[serde(default)]
+    pub replica: String,
+    /// The replica that runs the durable-execution loop (recovery, sweep,
+    /// drain readings, rollouts) now, if any holds its lease.
+    #[serde(default)]
+    pub durable_execution_replica: Option<String>,
 }
 
 // ---------------------------------------------------------------- apps

@@ -8,79 +8,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, tail, BIN};
+use common::{free_port, Proc, BIN};
 use serde_json::Value;
-
-struct Proc {
-    child: Option<Child>,
-    log: PathBuf,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-}
-
-impl Proc {
-    fn start(log: PathBuf, args: Vec<String>, env: Vec<(String, String)>) -> Proc {
-        let mut p = Proc {
-            child: None,
-            log,
-            args,
-            env,
-        };
-        p.spawn();
-        p
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log");
-        let mut cmd = Command::new(BIN);
-        cmd.args(&self.args)
-            .env("STEAD_LOG", "info,sqlx=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().expect("spawn"));
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn text(&self) -> String {
-        tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 60)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-15", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 struct Cluster {
     root: PathBuf,
