@@ -112,6 +112,10 @@ pub(crate) struct AppState {
     pub shutting_down: Arc<AtomicBool>,
     /// Open app system databases (a cache; nothing in it matters).
     pub pools: Arc<dbos::Pools>,
+    /// Unplaced instances last reported per app version, so that the
+    /// event and warning are written when the shortfall changes, not on
+    /// every heartbeat (a cache: a new replica reports once more).
+    pub unplaced: Arc<std::sync::Mutex<std::collections::HashMap<placement::Key, u32>>>,
 }
 
 impl AppState {
@@ -172,6 +176,7 @@ impl Server {
                 changes: Arc::new(Notify::new()),
                 shutting_down: Arc::new(AtomicBool::new(false)),
                 pools: Arc::new(dbos::Pools::default()),
+                unplaced: Arc::default(),
             },
             addr,
         })

@@ -9,12 +9,14 @@ const SQLITE: &[(i64, &str)] = &[
     (2, include_str!("../migrations/sqlite/0002_promotion.sql")),
     (3, include_str!("../migrations/sqlite/0003_dbos.sql")),
     (4, include_str!("../migrations/sqlite/0004_scale.sql")),
+    (6, include_str!("../migrations/sqlite/0006_hosts.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_initial.sql")),
     (2, include_str!("../migrations/postgres/0002_promotion.sql")),
     (3, include_str!("../migrations/postgres/0003_dbos.sql")),
     (4, include_str!("../migrations/postgres/0004_scale.sql")),
+    (6, include_str!("../migrations/postgres/0006_hosts.sql")),
 ];
 
 pub(crate) async fn run(store: &Store) -> Result<()> {
