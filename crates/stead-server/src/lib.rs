@@ -280,6 +280,8 @@ fn router(state: AppState) -> Router {
         )
         .route("/agent/recovered", post(workflows::recovered))
         .route("/hosts", get(api::list_hosts))
+        .route("/hosts/{host}/drain", post(api::drain_host))
+        .route("/hosts/{host}/undrain", post(api::undrain_host))
         .route("/agent/register", post(agent::register))
         .route("/agent/heartbeat", post(agent::heartbeat))
         .route("/agent/builds/claim", post(agent::claim))
