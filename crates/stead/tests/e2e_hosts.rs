@@ -711,10 +711,15 @@ fn a_partitioned_host_is_replaced_and_fenced_when_it_heals() {
         Duration::from_secs(60),
         || {
             let h = c.host_state(&victim.name)?;
-            let inst = c.instances(app);
+            // The dead host's instance is still listed (as last reported):
+            // only the one on the live host counts.
+            let inst: Vec<(String, String)> = c
+                .instances(app)
+                .into_iter()
+                .filter(|(h, _)| h == &other.name)
+                .collect();
             (h["state"] == "dead"
                 && inst.len() == 1
-                && inst[0].0 == other.name
                 && inst[0].1 == "ready"
                 && c.get(app) == Ok(200))
             .then_some(())
