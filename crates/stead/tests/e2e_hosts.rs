@@ -89,7 +89,7 @@ struct Host {
 }
 
 impl Host {
-    fn new(root: &Path, test: u32, index: u32, server: &str, token: &str) -> Host {
+    fn new(root: &Path, test: u32, index: u32, server: &str, token: &str, builds: bool) -> Host {
         let n = slot() * 4 + test;
         let netns = format!("stead-t{}-{test}-{index}", std::process::id());
         let veth_root = format!("sth{n}x{index}r");
@@ -147,11 +147,11 @@ impl Host {
             &net(1),
         ]);
         let mut host = host;
-        host.start_agent(server, token);
+        host.start_agent(server, token, builds);
         host
     }
 
-    fn start_agent(&mut self, server_ip: &str, token: &str) {
+    fn start_agent(&mut self, server_ip: &str, token: &str, builds: bool) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -168,6 +168,11 @@ impl Host {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--name", &self.name, "--advertise-ip", &self.ip])
+            .args(if builds {
+                &[][..]
+            } else {
+                &["--no-builds"][..]
+            })
             .env("STEAD_LOG", "info,sqlx=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -246,6 +251,79 @@ impl Drop for Host {
         }
         sh(&["ip", "netns", "del", &self.netns]);
         sh(&["ip", "link", "del", &self.veth_root]);
+        // The apps' data directories are loop-mounted images; a killed
+        // agent leaves them mounted.
+        let prefix = self.data_dir.display().to_string();
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            sh(&["umount", "-d", &m]);
+        }
+    }
+}
+
+/// A TCP forwarder from `listen_ip:<free port>` to `target`, so that the
+/// host namespaces reach a server that listens on the root namespace's
+/// 127.0.0.1 (the throwaway PostgreSQL). Stops accepting on drop.
+struct Forwarder {
+    addr: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Forwarder {
+    fn start(listen_ip: &str, target: &str) -> Forwarder {
+        let listener =
+            std::net::TcpListener::bind(format!("{listen_ip}:0")).expect("bind forwarder");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, target) = (stop.clone(), target.to_string());
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inbound, _)) => {
+                        let _ = inbound.set_nonblocking(false);
+                        let Ok(outbound) = std::net::TcpStream::connect(&target) else {
+                            continue;
+                        };
+                        let (Ok(mut a), Ok(mut b)) = (inbound.try_clone(), outbound.try_clone())
+                        else {
+                            continue;
+                        };
+                        let (mut inbound, mut outbound) = (inbound, outbound);
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut a, &mut outbound);
+                            let _ = outbound.shutdown(std::net::Shutdown::Write);
+                        });
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut b, &mut inbound);
+                            let _ = inbound.shutdown(std::net::Shutdown::Write);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Forwarder {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -290,8 +368,10 @@ struct Cluster {
     host_token: String,
     // Field order is drop order: hosts (and their processes) first.
     hosts: Vec<Host>,
+    builder: Option<Proc>,
     server: Proc,
     router_proc: Proc,
+    _forwarder: Option<Forwarder>,
     _addr: ServerAddr,
     _pg: stead_store::testing::PgGuard,
     _rt: tokio::runtime::Runtime,
@@ -299,6 +379,21 @@ struct Cluster {
 
 impl Cluster {
     fn start(root: &Path, test: u32, hosts: u32, host_timeout: &str) -> Cluster {
+        Self::start_with(root, test, hosts, host_timeout, false)
+    }
+
+    /// With `app_databases`, apps get PostgreSQL databases (reached from
+    /// the host namespaces through a forwarder on the server's address),
+    /// and builds run on a builder agent in the root namespace (the host
+    /// namespaces have no way out to package indexes), which is drained at
+    /// once so that it gets no instances.
+    fn start_with(
+        root: &Path,
+        test: u32,
+        hosts: u32,
+        host_timeout: &str,
+        app_databases: bool,
+    ) -> Cluster {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let pg = rt.block_on(stead_store::testing::postgres_database());
         let db = pg.url.clone();
@@ -323,6 +418,21 @@ impl Cluster {
         let server_ip = format!("{}:{api_port}", addr.ip);
         let api = format!("http://{server_ip}");
         let router = format!("http://127.0.0.1:{router_port}");
+        let mut forwarder = None;
+        let mut extra: Vec<String> = Vec::new();
+        if app_databases {
+            let admin = pg.admin_url().to_string();
+            let pg_addr = admin
+                .split('@')
+                .nth(1)
+                .and_then(|r| r.split('/').next())
+                .expect("host:port in the admin URL")
+                .to_string();
+            let f = Forwarder::start(&addr.ip, &pg_addr);
+            extra.push("--app-database-url".into());
+            extra.push(admin.replace(&pg_addr, &f.addr));
+            forwarder = Some(f);
+        }
         let server = Proc::start(
             root.join("server.log"),
             &[
@@ -337,7 +447,10 @@ impl Cluster {
                 router.clone(),
                 "--host-timeout".into(),
                 host_timeout.into(),
-            ],
+            ]
+            .into_iter()
+            .chain(extra)
+            .collect::<Vec<String>>(),
         );
         let router_proc = Proc::start(
             root.join("router.log"),
@@ -358,8 +471,10 @@ impl Cluster {
             user_token,
             host_token: host_token.clone(),
             hosts: Vec::new(),
+            builder: None,
             server,
             router_proc,
+            _forwarder: forwarder,
             _addr: addr,
             _pg: pg,
             _rt: rt,
@@ -377,8 +492,28 @@ impl Cluster {
                 (api.status().is_success() && r.status().is_success()).then_some(())
             },
         );
+        if app_databases {
+            c.builder = Some(Proc::start(
+                root.join("builder.log"),
+                &[
+                    "agent".into(),
+                    "--server".into(),
+                    c.api.clone(),
+                    "--token".into(),
+                    host_token.clone(),
+                    "--data-dir".into(),
+                    root.join("builder").display().to_string(),
+                    "--name".into(),
+                    "builder".into(),
+                ],
+            ));
+            c.wait("the builder to register", Duration::from_secs(60), || {
+                c.host_state("builder").map(|_| ())
+            });
+            c.ok_with(&host_token, &["hosts", "drain", "builder"]);
+        }
         for i in 0..hosts {
-            let h = Host::new(root, test, i + 1, &server_ip, &host_token);
+            let h = Host::new(root, test, i + 1, &server_ip, &host_token, !app_databases);
             c.hosts.push(h);
         }
         c.wait("every host to register", Duration::from_secs(60), || {
@@ -769,5 +904,148 @@ fn a_partitioned_host_is_replaced_and_fenced_when_it_heals() {
         other.name,
         replaced.as_secs_f64(),
         fenced.as_secs_f64()
+    );
+}
+
+/// Every step execution the app recorded, on every host: each instance
+/// appends to `executions.jsonl` in its host's data directory for the app
+/// (which stays readable after the host's processes are killed).
+fn all_executions(c: &Cluster, app: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    for h in &c.hosts {
+        let path = h
+            .data_dir
+            .join("appdata")
+            .join(app)
+            .join("executions.jsonl");
+        for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                out.push(v);
+            }
+        }
+    }
+    out
+}
+
+fn executions(c: &Cluster, app: &str) -> Vec<Value> {
+    match c
+        .http()
+        .get(format!("{}/apps/{app}/executions", c.router))
+        .send()
+    {
+        Ok(r) if r.status().is_success() => r.json::<Vec<Value>>().unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+fn count(execs: &[Value], wf: &str, step: u64, event: &str) -> usize {
+    execs
+        .iter()
+        .filter(|e| {
+            e["workflow_id"] == wf && e["step"].as_u64() == Some(step) && e["event"] == event
+        })
+        .count()
+}
+
+#[test]
+fn a_killed_host_s_workflow_completes_on_another_host() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start_with(tmp.path(), 2, 2, "3s", true);
+    let app = "wf-hosts";
+    let dir = common::copy_example("dbos-python", tmp.path());
+    c.ok(&[
+        "deploy",
+        dir.to_str().expect("p"),
+        "--app",
+        app,
+        "--timeout",
+        "900",
+    ]);
+    let resp = c
+        .http()
+        .post(format!(
+            "{}/apps/{app}/workflows/start?steps=4&step_seconds=2",
+            c.router
+        ))
+        .send()
+        .expect("start workflow");
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let wf = resp.json::<Value>().expect("json")["workflow_id"]
+        .as_str()
+        .expect("workflow id")
+        .to_string();
+    let executor = c.wait("step 2 to start", Duration::from_secs(60), || {
+        executions(&c, app)
+            .iter()
+            .find(|e| e["workflow_id"] == wf.as_str() && e["step"] == 2 && e["event"] == "start")
+            .and_then(|e| e["executor"].as_str().map(str::to_string))
+    });
+    let status: Value =
+        serde_json::from_str(&c.ok(&["apps", "status", app, "--json"])).expect("json");
+    let victim_host = status["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|i| i["executor_id"] == executor.as_str())
+        .and_then(|i| i["host"].as_str())
+        .unwrap_or_else(|| panic!("no instance runs executor {executor}: {status}"))
+        .to_string();
+    let victim = c
+        .hosts
+        .iter()
+        .position(|h| h.name == victim_host)
+        .unwrap_or_else(|| panic!("the workflow runs on {victim_host}, not on a test host"));
+    let killed_at = Instant::now();
+    c.hosts[victim].kill_all();
+    c.wait(
+        "the workflow to complete on another host",
+        Duration::from_secs(180),
+        || {
+            let out = c.cli_with(&c.user_token, &["workflows", "get", app, &wf, "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["status"] == "SUCCESS").then_some(())
+        },
+    );
+    let took = killed_at.elapsed();
+    let ex = all_executions(&c, app);
+    assert_eq!(
+        count(&ex, &wf, 1, "start"),
+        1,
+        "step 1 had completed and must not run again: {ex:?}"
+    );
+    assert_eq!(count(&ex, &wf, 1, "end"), 1, "{ex:?}");
+    assert!(
+        count(&ex, &wf, 2, "start") >= 2,
+        "step 2 was interrupted and must run again: {ex:?}"
+    );
+    assert_eq!(count(&ex, &wf, 2, "end"), 1, "{ex:?}");
+    for step in [3, 4] {
+        assert_eq!(count(&ex, &wf, step, "start"), 1, "step {step}: {ex:?}");
+        assert_eq!(count(&ex, &wf, step, "end"), 1, "step {step}: {ex:?}");
+    }
+    // The steps after the kill ran on the other host's instance.
+    let finisher = ex
+        .iter()
+        .find(|e| e["workflow_id"] == wf.as_str() && e["step"] == 4 && e["event"] == "end")
+        .and_then(|e| e["executor"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let status: Value =
+        serde_json::from_str(&c.ok(&["apps", "status", app, "--json"])).expect("json");
+    let finisher_host = status["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|i| i["executor_id"] == finisher.as_str() && i["state"] != "exited")
+        .and_then(|i| i["host"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !finisher_host.is_empty() && finisher_host != victim_host,
+        "the workflow finished under executor {finisher} on {finisher_host:?}, expected another host than {victim_host}: {status}"
+    );
+    println!(
+        "host kill: workflow {wf} completed on {finisher_host} {:.1} s after every process of {victim_host} was killed (host timeout 3 s)",
+        took.as_secs_f64()
     );
 }
