@@ -109,6 +109,9 @@ pub enum StopReason {
     StartTimeout,
     /// Stopped answering its health check.
     Hung,
+    /// Stale: this host was judged dead and what the instance stood for was
+    /// placed elsewhere (the control plane fenced it).
+    Fenced,
 }
 
 impl StopReason {
@@ -118,6 +121,7 @@ impl StopReason {
             StopReason::ScaleDown => "scaled down",
             StopReason::StartTimeout => "did not pass its health check within the start timeout",
             StopReason::Hung => "stopped answering its health check",
+            StopReason::Fenced => "fenced: its host was judged dead and it was replaced elsewhere",
         }
     }
 }
@@ -193,10 +197,26 @@ pub fn decide(
         }
     }
 
-    // Unhealthy or never-ready instances are stopped; the count below then
-    // sees a free slot and starts a replacement in the same pass.
+    // Fenced instances are stopped first and count for nothing: what they
+    // stood for runs elsewhere (or is started anew below, under a new
+    // identity, if placement gives this host a share again).
     let mut replaced: Vec<&str> = Vec::new();
     for o in observed {
+        if o.phase.is_live() && intended.fenced.iter().any(|f| f == &o.id) {
+            actions.push(Action::Stop {
+                id: o.id.clone(),
+                reason: StopReason::Fenced,
+            });
+            replaced.push(o.id.as_str());
+        }
+    }
+
+    // Unhealthy or never-ready instances are stopped; the count below then
+    // sees a free slot and starts a replacement in the same pass.
+    for o in observed {
+        if replaced.contains(&o.id.as_str()) {
+            continue;
+        }
         let reason = match o.phase {
             Phase::Starting if now - o.started_at >= policy.start_timeout.as_millis() as i64 => {
                 Some(StopReason::StartTimeout)
@@ -224,7 +244,10 @@ pub fn decide(
 
     // Versions no longer intended here.
     for o in observed {
-        if o.phase.is_live() && !want.contains_key(&(o.app.as_str(), o.version)) {
+        if o.phase.is_live()
+            && !want.contains_key(&(o.app.as_str(), o.version))
+            && !replaced.contains(&o.id.as_str())
+        {
             actions.push(Action::Stop {
                 id: o.id.clone(),
                 reason: StopReason::NotIntended,
@@ -246,9 +269,11 @@ pub fn decide(
                 // Dead executors to take over, unless a live instance already
                 // runs under that identity.
                 let mut reuse = a.reuse_executor_ids.iter().filter(|e| {
-                    !observed
-                        .iter()
-                        .any(|o| o.phase.is_live() && &o.executor_id == *e)
+                    !observed.iter().any(|o| {
+                        o.phase.is_live()
+                            && &o.executor_id == *e
+                            && !intended.fenced.contains(&o.id)
+                    })
                 });
                 for _ in n..*count {
                     actions.push(Action::Start {
@@ -311,7 +336,69 @@ mod tests {
                     reuse_executor_ids: Vec::new(),
                 })
                 .collect(),
+            fenced: Vec::new(),
         }
+    }
+
+    #[test]
+    fn fenced_instances_are_stopped_and_replaced_if_still_wanted_here() {
+        let observed = vec![
+            inst("old", "a", 1, Phase::Ready, 0),
+            inst("keep", "b", 1, Phase::Ready, 0),
+        ];
+        let mut want = intended(&[("a", 1, 1), ("b", 1, 1)]);
+        want.fenced = vec!["old".into()];
+        let actions = decide(
+            &observed,
+            &want,
+            &ExitHistory::default(),
+            10_000,
+            &Policy::default(),
+        );
+        assert_eq!(
+            actions,
+            vec![
+                Action::Stop {
+                    id: "old".into(),
+                    reason: StopReason::Fenced
+                },
+                Action::Start {
+                    app: "a".into(),
+                    version: 1,
+                    executor_id: None
+                },
+            ]
+        );
+        // Not wanted here any more: stopped once, nothing started.
+        let mut want = intended(&[("b", 1, 1)]);
+        want.fenced = vec!["old".into()];
+        let actions = decide(
+            &observed,
+            &want,
+            &ExitHistory::default(),
+            10_000,
+            &Policy::default(),
+        );
+        assert_eq!(
+            actions,
+            vec![Action::Stop {
+                id: "old".into(),
+                reason: StopReason::Fenced
+            }]
+        );
+        // An instance already stopping is not stopped again.
+        let stopping = vec![
+            inst("old", "a", 1, Phase::Stopping, 0),
+            inst("keep", "b", 1, Phase::Ready, 0),
+        ];
+        let actions = decide(
+            &stopping,
+            &want,
+            &ExitHistory::default(),
+            10_000,
+            &Policy::default(),
+        );
+        assert!(actions.is_empty(), "{actions:?}");
     }
 
     fn inst(id: &str, app: &str, version: u32, phase: Phase, started_at: Millis) -> Observed {
@@ -585,7 +672,10 @@ mod dbos_tests {
         let mut a = app(1, 2);
         a.reuse_executor_ids = vec!["dead-1".into(), "live-1".into()];
         let observed = vec![obs("x", 1, Phase::Ready, "live-1")];
-        let want = IntendedHostState { apps: vec![a] };
+        let want = IntendedHostState {
+            apps: vec![a],
+            fenced: Vec::new(),
+        };
         let actions = decide(
             &observed,
             &want,
@@ -614,6 +704,7 @@ mod dbos_tests {
         ];
         let want = IntendedHostState {
             apps: vec![old, app(2, 1)],
+            fenced: Vec::new(),
         };
         let actions = decide(
             &observed,
@@ -630,6 +721,7 @@ mod dbos_tests {
         let observed = vec![obs("a", 1, Phase::Unhealthy { since: 0 }, "a")];
         let want = IntendedHostState {
             apps: vec![app(1, 1)],
+            fenced: Vec::new(),
         };
         let p = Policy::default();
         assert!(decide(&observed, &want, &ExitHistory::default(), 4_000, &p).is_empty());

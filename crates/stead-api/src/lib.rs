@@ -395,12 +395,21 @@ pub struct Event {
 pub struct HostInfo {
     pub id: String,
     pub name: String,
-    /// `alive` while heartbeats arrive, `dead` after they stop.
+    /// `alive` while heartbeats arrive, `draining` while alive and drained
+    /// (`stead hosts drain`), `dead` after heartbeats stop.
     pub state: String,
     pub last_heartbeat_ms: i64,
     pub capacity: HostCapacity,
+    /// Instances that run there (not exited, not fenced).
     pub instances: u32,
     pub backends: Vec<String>,
+    /// Gets no new instances; what runs there is replaced elsewhere.
+    #[serde(default)]
+    pub draining: bool,
+    /// Stale instances its agent still reports after the host came back
+    /// from being judged dead; they are being stopped.
+    #[serde(default)]
+    pub fenced: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
@@ -478,6 +487,11 @@ pub struct ObservedInstance {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
 pub struct IntendedHostState {
     pub apps: Vec<IntendedApp>,
+    /// Instances this host must stop at once, whatever `apps` says: they
+    /// are stale (fenced), because the host was judged dead and what they
+    /// stood for was placed elsewhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fenced: Vec<String>,
 }
 
 /// `count` instances of `version` of `app` on this host. A version that is

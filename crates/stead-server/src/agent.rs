@@ -18,7 +18,7 @@ use stead_store::CompleteOutcome;
 
 use crate::auth::HostAuth;
 use crate::error::{ApiError, ApiJson, ApiPath};
-use crate::placement::place;
+use crate::placement::{place, Demand, HostView, Placement, Running};
 use crate::AppState;
 
 #[utoipa::path(post, path = "/v1/agent/register", tag = "agent", security(("bearer" = [])),
@@ -86,7 +86,12 @@ pub(crate) async fn heartbeat(
     let t0 = std::time::Instant::now();
     state
         .store
-        .heartbeat(&req.host_id, &req.session, &req.instances)
+        .heartbeat_fenced(
+            &req.host_id,
+            &req.session,
+            &req.instances,
+            state.config.host_timeout,
+        )
         .await?;
     state.changed();
     tracing::trace!(ms = t0.elapsed().as_secs_f64() * 1000.0, "heartbeat stored");
@@ -177,6 +182,28 @@ async fn intended_for_host(
     if scale.changed {
         state.changed();
     }
+    let inputs = state
+        .store
+        .placement_inputs(state.config.host_timeout)
+        .await?;
+    intended.fenced = inputs
+        .instances
+        .iter()
+        .filter(|i| i.fenced && i.host_id == host_id)
+        .map(|i| i.id.clone())
+        .collect();
+    let demands: Vec<Demand> = by_app
+        .values()
+        .flatten()
+        .map(|a| Demand {
+            key: (a.app_id, a.version),
+            desired: scale.count(a.app_id, a.version, a.min, a.max),
+            memory_mb: a.config.memory_mb,
+            sandbox: a.config.sandbox.clone(),
+        })
+        .collect();
+    let placement = placement_of(&inputs, &demands);
+    report_unplaced(state, &placement, &by_app).await;
     for app_id in app_ids {
         let Some(rec) = state.store.app_by_id(app_id).await? else {
             continue;
@@ -252,18 +279,7 @@ async fn intended_for_host(
             });
         };
         for app in &entries {
-            let (hosts, me) = eligible(alive, host_id, app.config.sandbox.as_deref());
-            let Some(me) = me else {
-                if hosts == 0 {
-                    tracing::warn!(app = %app.name, version = app.version, sandbox = ?app.config.sandbox, "no alive host offers the app's sandbox backend");
-                }
-                continue;
-            };
-            let counts = place(
-                scale.count(app.app_id, app.version, app.min, app.max),
-                hosts,
-            );
-            let count = counts.get(me).copied().unwrap_or(0);
+            let count = placement.count((app.app_id, app.version), host_id);
             if count == 0 {
                 continue;
             }
@@ -307,6 +323,90 @@ async fn intended_for_host(
         }
     }
     Ok(intended)
+}
+
+/// The placement of every demand over the alive hosts, from what the
+/// store says runs where (fenced instances stand for nothing).
+fn placement_of(inputs: &stead_store::PlacementInputs, demands: &[Demand]) -> Placement {
+    let hosts: Vec<HostView> = inputs
+        .hosts
+        .iter()
+        .map(|h| HostView {
+            id: h.id.clone(),
+            memory_mb: h.memory_mb,
+            backends: h.backends.clone(),
+            draining: h.draining,
+        })
+        .collect();
+    let running: Vec<Running> = inputs
+        .instances
+        .iter()
+        .filter(|i| !i.fenced)
+        .map(|i| Running {
+            key: (i.app_id, i.version),
+            host_id: i.host_id.clone(),
+            memory_mb: i.memory_mb,
+            ready: i.ready,
+        })
+        .collect();
+    place(&hosts, demands, &running)
+}
+
+/// Instances that cannot be placed are logged and recorded as an app event
+/// (`unplaced`) when the shortfall changes, so they are never dropped
+/// silently; a shortfall that ends is recorded too.
+async fn report_unplaced(
+    state: &AppState,
+    placement: &Placement,
+    apps: &BTreeMap<i64, Vec<stead_store::ActiveApp>>,
+) {
+    let changes: Vec<(crate::placement::Key, u32, String)> = {
+        let Ok(mut last) = state.unplaced.lock() else {
+            return;
+        };
+        let mut changes = Vec::new();
+        for (key, u) in &placement.unplaced {
+            if last.get(key) != Some(&u.count) {
+                last.insert(*key, u.count);
+                changes.push((*key, u.count, u.reason.clone()));
+            }
+        }
+        last.retain(|key, _| {
+            let keep = placement.unplaced.contains_key(key);
+            if !keep {
+                changes.push((*key, 0, String::new()));
+            }
+            keep
+        });
+        changes
+    };
+    for ((app_id, version), count, reason) in changes {
+        let name = apps
+            .get(&app_id)
+            .and_then(|v| v.first())
+            .map(|a| a.name.clone())
+            .unwrap_or_else(|| app_id.to_string());
+        let (message, data) = if count > 0 {
+            tracing::warn!(app = %name, version, count, %reason, "instances cannot be placed");
+            (
+                format!("{count} instance(s) of version {version} cannot be placed: {reason}"),
+                serde_json::json!({"version": version, "count": count, "reason": reason}),
+            )
+        } else {
+            tracing::info!(app = %name, version, "every instance is placed again");
+            (
+                format!("every instance of version {version} is placed again"),
+                serde_json::json!({"version": version, "count": 0}),
+            )
+        };
+        if let Err(e) = state
+            .store
+            .record_event(app_id, "unplaced", &message, data)
+            .await
+        {
+            tracing::warn!(app = %name, error = %e, "cannot record the placement event");
+        }
+    }
 }
 
 async fn check_session(state: &AppState, host_id: &str, session: &str) -> Result<(), ApiError> {

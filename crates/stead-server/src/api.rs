@@ -622,12 +622,80 @@ pub(crate) async fn events(
 }
 
 #[utoipa::path(get, path = "/v1/hosts", tag = "hosts", security(("bearer" = [])),
+    description = "Every data-plane host: `alive`, `draining` or `dead`, with its instance counts. Any token may list.",
     responses((status = 200, body = Vec<HostInfo>), (status = 401, body = ErrorBody)))]
 pub(crate) async fn list_hosts(
     State(state): State<AppState>,
-    _auth: UserAuth,
+    _auth: AnyAuth,
 ) -> Result<Json<Vec<HostInfo>>, ApiError> {
     Ok(Json(
         state.store.list_hosts(state.config.host_timeout).await?,
     ))
+}
+
+/// Drains or undrains a host for the platform's operator. Hosts are shared
+/// by every organisation, so a user token (which acts for one of them) may
+/// not move other organisations' instances: this needs a host token, the
+/// platform-wide credential `stead tokens create --host` makes.
+async fn set_draining(
+    state: &AppState,
+    auth: &AnyAuth,
+    host: &str,
+    draining: bool,
+) -> Result<HostInfo, ApiError> {
+    let verb = if draining { "drain" } else { "undrain" };
+    if auth.0.kind != stead_api::TokenKind::Host {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("hosts are shared by every organisation: to {verb} one, use the platform's host token (`stead tokens create --host`), not a user token"),
+        ));
+    }
+    let name = state
+        .store
+        .set_draining(host, draining)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "host {host:?} is not registered; `stead hosts list` shows the hosts by name and id"
+            ))
+        })?;
+    tracing::info!(host = %name, draining, "host {verb}ed");
+    state.changed();
+    state
+        .store
+        .list_hosts(state.config.host_timeout)
+        .await?
+        .into_iter()
+        .find(|h| h.name == name)
+        .map(|mut h| {
+            // The flag is set whatever the host's liveness.
+            h.draining = draining;
+            h
+        })
+        .ok_or_else(|| ApiError::not_found(format!("host {name} was removed meanwhile")))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{host}/drain", tag = "hosts", security(("bearer" = [])),
+    description = "The host gets no new instances; those it runs are replaced elsewhere (each stopped once its replacement is ready; DBOS instances are stopped or kept by the workflow drain rules and their executors recovered elsewhere). Needs a host token.",
+    params(("host" = String, Path, description = "Host name or id")),
+    responses((status = 200, body = HostInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn drain_host(
+    State(state): State<AppState>,
+    auth: AnyAuth,
+    ApiPath(host): ApiPath<String>,
+) -> Result<Json<HostInfo>, ApiError> {
+    Ok(Json(set_draining(&state, &auth, &host, true).await?))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{host}/undrain", tag = "hosts", security(("bearer" = [])),
+    description = "The host takes new instances again (nothing that already runs elsewhere moves back). Needs a host token.",
+    params(("host" = String, Path, description = "Host name or id")),
+    responses((status = 200, body = HostInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn undrain_host(
+    State(state): State<AppState>,
+    auth: AnyAuth,
+    ApiPath(host): ApiPath<String>,
+) -> Result<Json<HostInfo>, ApiError> {
+    Ok(Json(set_draining(&state, &auth, &host, false).await?))
 }

@@ -123,6 +123,10 @@ pub(crate) struct AppState {
     /// changed, so their long-polls wake too; `None` on SQLite (one
     /// replica).
     pub peers: Option<tokio::sync::mpsc::Sender<()>>,
+    /// Unplaced instances last reported per app version, so that the
+    /// event and warning are written when the shortfall changes, not on
+    /// every heartbeat (a cache: a new replica reports once more).
+    pub unplaced: Arc<std::sync::Mutex<std::collections::HashMap<placement::Key, u32>>>,
 }
 
 impl AppState {
@@ -195,6 +199,7 @@ impl Server {
                 pools: Arc::new(dbos::Pools::default()),
                 replica: format!("r-{:016x}", rand::random::<u64>()).into(),
                 peers: None,
+                unplaced: Arc::default(),
             },
             addr,
         })
@@ -310,6 +315,8 @@ fn router(state: AppState) -> Router {
         )
         .route("/agent/recovered", post(workflows::recovered))
         .route("/hosts", get(api::list_hosts))
+        .route("/hosts/{host}/drain", post(api::drain_host))
+        .route("/hosts/{host}/undrain", post(api::undrain_host))
         .route("/agent/register", post(agent::register))
         .route("/agent/heartbeat", post(agent::heartbeat))
         .route("/agent/builds/claim", post(agent::claim))

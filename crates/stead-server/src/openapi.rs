@@ -15,7 +15,7 @@ use crate::{agent, api, scaling, workflows};
     paths(
         api::health, api::info, api::whoami, api::list_apps, api::get_app, api::delete_app, api::deploy,
         api::list_versions, api::get_version, api::build_log, api::rollback, api::list_env, api::set_env,
-        api::unset_env, api::logs, api::events, api::list_hosts,
+        api::unset_env, api::logs, api::events, api::list_hosts, api::drain_host, api::undrain_host,
         agent::register, agent::heartbeat, agent::claim, agent::renew, agent::append_log, agent::complete,
         agent::get_blob, agent::put_blob, agent::instance_logs, scaling::routes, scaling::demand,
         scaling::set_scale,

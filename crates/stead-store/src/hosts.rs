@@ -23,6 +23,36 @@ pub struct HostRecord {
     pub last_heartbeat_ms: i64,
 }
 
+/// An alive host, for placement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementHost {
+    pub id: String,
+    pub memory_mb: u64,
+    pub backends: Vec<String>,
+    pub draining: bool,
+}
+
+/// An instance that runs on an alive host, for placement and fencing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementInstance {
+    pub id: String,
+    pub app_id: i64,
+    pub version: u32,
+    pub host_id: String,
+    pub ready: bool,
+    /// Reported by its host before (or when) it came back from the dead.
+    pub fenced: bool,
+    /// `memory_mb` of its version (0 if the version is gone).
+    pub memory_mb: u64,
+}
+
+/// See [`Store::placement_inputs`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PlacementInputs {
+    pub hosts: Vec<PlacementHost>,
+    pub instances: Vec<PlacementInstance>,
+}
+
 /// An app whose active version is ready to run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActiveApp {
@@ -51,6 +81,9 @@ fn instance_state(s: &str) -> Result<InstanceState> {
 impl Store {
     /// Registers a host: the same name keeps its id; every registration
     /// starts a new session, which releases the build leases of the old one.
+    /// An existing host keeps its last heartbeat time: if it was dead, the
+    /// first heartbeat of the new session is the one that brings it back,
+    /// and fences what that heartbeat reports (see [`Store::heartbeat_fenced`]).
     pub async fn register_host(&self, req: &RegisterRequest) -> Result<RegisterResponse> {
         let backends =
             serde_json::to_string(&req.backends).map_err(|e| StoreError::Invalid(e.to_string()))?;
@@ -62,7 +95,7 @@ impl Store {
                 "INSERT INTO hosts (id, name, memory_mb, cpus, backends, agent_version, session, last_heartbeat, registered_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) ON CONFLICT (name) DO UPDATE SET \
                  memory_mb = excluded.memory_mb, cpus = excluded.cpus, backends = excluded.backends, \
-                 agent_version = excluded.agent_version, session = excluded.session, last_heartbeat = excluded.last_heartbeat",
+                 agent_version = excluded.agent_version, session = excluded.session",
             )
             .bind(random_id("h-"))
             .bind(&req.name)
@@ -111,7 +144,27 @@ impl Store {
         instances: &[ObservedInstance],
     ) -> Result<HostRecord> {
         self.retry("heartbeat", || {
-            self.heartbeat_once(host_id, session, instances)
+            self.heartbeat_once(host_id, session, instances, None)
+        })
+        .await
+    }
+
+    /// [`Store::heartbeat`] with fencing: when the host's previous heartbeat
+    /// is older than `host_timeout` (it was dead, so its instances may have
+    /// been placed elsewhere and their executors recovered), the host's
+    /// generation is raised and every instance it reported before or
+    /// reports now keeps the old one: fenced. Fenced instances are not
+    /// routed, not counted by placement, and their agent is told to stop
+    /// them, so nothing runs twice on the intended state's behalf.
+    pub async fn heartbeat_fenced(
+        &self,
+        host_id: &str,
+        session: &str,
+        instances: &[ObservedInstance],
+        host_timeout: Duration,
+    ) -> Result<HostRecord> {
+        self.retry("heartbeat", || {
+            self.heartbeat_once(host_id, session, instances, Some(host_timeout))
         })
         .await
     }
@@ -121,13 +174,13 @@ impl Store {
         host_id: &str,
         session: &str,
         instances: &[ObservedInstance],
+        host_timeout: Option<Duration>,
     ) -> Result<HostRecord> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let host = sqlx::query(
-            "UPDATE hosts SET last_heartbeat = $1 WHERE id = $2 RETURNING name, session",
+            "SELECT name, session, last_heartbeat, generation FROM hosts WHERE id = $1",
         )
-        .bind(now)
         .bind(host_id)
         .fetch_optional(&mut *tx)
         .await?
@@ -142,16 +195,38 @@ impl Store {
                 "session {session} of host {name} was replaced by a newer registration; register again"
             )));
         }
-        let prev_rows =
-            sqlx::query("SELECT id, state, executor_id FROM instances WHERE host_id = $1")
-                .bind(host_id)
-                .fetch_all(&mut *tx)
-                .await?;
+        let old_generation = get_i64(&host, "generation")?;
+        let revived = host_timeout.is_some_and(|t| {
+            get_i64(&host, "last_heartbeat").is_ok_and(|last| last < now - t.as_millis() as i64)
+        });
+        let generation = old_generation + i64::from(revived);
+        sqlx::query("UPDATE hosts SET last_heartbeat = $1, generation = $2 WHERE id = $3")
+            .bind(now)
+            .bind(generation)
+            .bind(host_id)
+            .execute(&mut *tx)
+            .await?;
+        if revived {
+            tracing::warn!(host = %name, generation, instances = instances.len(),
+                "host is back after being judged dead: the instances it reports are fenced");
+        }
+        // What this report brings in: instances already known keep their
+        // generation (the upsert leaves it alone); new ones take the host's,
+        // except in the report that revives the host, which is all stale.
+        let new_generation = if revived { old_generation } else { generation };
+        let prev_rows = sqlx::query(
+            "SELECT id, state, executor_id, generation FROM instances WHERE host_id = $1",
+        )
+        .bind(host_id)
+        .fetch_all(&mut *tx)
+        .await?;
         let mut previous: HashMap<String, String> = HashMap::new();
         let mut previous_executor: HashMap<String, String> = HashMap::new();
+        let mut previous_generation: HashMap<String, i64> = HashMap::new();
         for r in &prev_rows {
             previous.insert(get_str(r, "id")?, get_str(r, "state")?);
             previous_executor.insert(get_str(r, "id")?, get_str(r, "executor_id")?);
+            previous_generation.insert(get_str(r, "id")?, get_i64(r, "generation")?);
         }
         let mut app_ids: HashMap<&str, Option<i64>> = HashMap::new();
         for inst in instances {
@@ -165,9 +240,14 @@ impl Store {
                 app_ids.insert(inst.app.as_str(), id);
             }
             let app_id = app_ids.get(inst.app.as_str()).copied().flatten();
+            let fenced = previous_generation
+                .get(&inst.id)
+                .copied()
+                .unwrap_or(new_generation)
+                < generation;
             sqlx::query(
                 "INSERT INTO instances (id, app_id, app_name, version, host_id, state, executor_id, endpoint, pid, \
-                 started_at, exit, updated_at, dbos_admin) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                 started_at, exit, updated_at, dbos_admin, generation) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
                  ON CONFLICT (id) DO UPDATE SET app_id = excluded.app_id, app_name = excluded.app_name, \
                  version = excluded.version, host_id = excluded.host_id, state = excluded.state, \
                  executor_id = excluded.executor_id, endpoint = excluded.endpoint, pid = excluded.pid, \
@@ -187,9 +267,34 @@ impl Store {
             .bind(inst.exit.clone())
             .bind(now)
             .bind(i64::from(inst.dbos_admin))
+            .bind(new_generation)
             .execute(&mut *tx)
             .await?;
             let Some(app_id) = app_id else { continue };
+            // A fenced instance only matters until its agent stops it: it
+            // neither registers an executor nor promotes a version.
+            if fenced {
+                if revived && inst.state != InstanceState::Exited {
+                    insert_event(
+                        &mut tx,
+                        app_id,
+                        "instance_fenced",
+                        &format!(
+                            "instance {} of version {} on host {name} is stale (its host was judged dead and came back): it is stopped, not routed",
+                            inst.id, inst.version
+                        ),
+                        serde_json::json!({"instance": inst.id, "version": inst.version, "host": name}),
+                    )
+                    .await?;
+                }
+                if inst.state == InstanceState::Exited
+                    && previous.get(&inst.id).map(String::as_str) != Some("exited")
+                {
+                    crate::dbos::executor_ended(&mut tx, &inst.executor_id, &inst.id, "fenced")
+                        .await?;
+                }
+                continue;
+            }
             let before = previous.get(&inst.id).map(String::as_str);
             if inst.state == InstanceState::Ready && before != Some("ready") {
                 insert_event(
@@ -280,8 +385,11 @@ impl Store {
         let cutoff = now_ms() - timeout.as_millis() as i64;
         let rows = sqlx::query(
             "SELECT h.id AS id, h.name AS name, h.last_heartbeat AS last_heartbeat, h.memory_mb AS memory_mb, \
-             h.cpus AS cpus, h.backends AS backends, \
-             (SELECT COUNT(*) FROM instances i WHERE i.host_id = h.id AND i.state <> 'exited') AS instances \
+             h.cpus AS cpus, h.backends AS backends, h.draining AS draining, \
+             (SELECT COUNT(*) FROM instances i WHERE i.host_id = h.id AND i.state <> 'exited' \
+              AND i.generation = h.generation) AS instances, \
+             (SELECT COUNT(*) FROM instances i WHERE i.host_id = h.id AND i.state <> 'exited' \
+              AND i.generation < h.generation) AS fenced \
              FROM hosts h ORDER BY h.name",
         )
         .fetch_all(&self.pool)
@@ -289,10 +397,18 @@ impl Store {
         rows.iter()
             .map(|r| {
                 let last = get_i64(r, "last_heartbeat")?;
+                let draining = get_i64(r, "draining")? != 0;
                 Ok(HostInfo {
                     id: get_str(r, "id")?,
                     name: get_str(r, "name")?,
-                    state: if last >= cutoff { "alive" } else { "dead" }.to_string(),
+                    state: match (last >= cutoff, draining) {
+                        (false, _) => "dead",
+                        (true, true) => "draining",
+                        (true, false) => "alive",
+                    }
+                    .to_string(),
+                    draining,
+                    fenced: to_u32(get_i64(r, "fenced")?),
                     last_heartbeat_ms: last,
                     capacity: HostCapacity {
                         memory_mb: u64::try_from(get_i64(r, "memory_mb")?).unwrap_or(0),
@@ -303,6 +419,76 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Marks a host (by name or id) draining or not; `None` if unknown.
+    pub async fn set_draining(&self, host: &str, draining: bool) -> Result<Option<String>> {
+        let row =
+            sqlx::query("UPDATE hosts SET draining = $1 WHERE name = $2 OR id = $2 RETURNING name")
+                .bind(i64::from(draining))
+                .bind(host)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| get_str(&r, "name")).transpose()
+    }
+
+    /// What placement needs, in two queries: the alive hosts and every
+    /// instance that runs (not exited) on them, fenced ones marked, with
+    /// the memory its version asks for.
+    pub async fn placement_inputs(&self, timeout: Duration) -> Result<PlacementInputs> {
+        let cutoff = now_ms() - timeout.as_millis() as i64;
+        let rows = sqlx::query(
+            "SELECT id, memory_mb, backends, draining FROM hosts WHERE last_heartbeat >= $1 ORDER BY id",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut hosts = Vec::new();
+        for r in &rows {
+            hosts.push(PlacementHost {
+                id: get_str(r, "id")?,
+                memory_mb: u64::try_from(get_i64(r, "memory_mb")?).unwrap_or(0),
+                backends: serde_json::from_str(&get_str(r, "backends")?).unwrap_or_default(),
+                draining: get_i64(r, "draining")? != 0,
+            });
+        }
+        let rows = sqlx::query(
+            "SELECT i.id AS id, i.app_id AS app_id, i.version AS version, i.host_id AS host_id, \
+             i.state AS state, i.generation AS generation, h.generation AS host_generation, v.config AS config \
+             FROM instances i JOIN hosts h ON h.id = i.host_id \
+             LEFT JOIN versions v ON v.app_id = i.app_id AND v.number = i.version \
+             WHERE i.state <> 'exited' AND h.last_heartbeat >= $1 AND i.app_id IS NOT NULL ORDER BY i.id",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut memory: HashMap<(i64, u32), u64> = HashMap::new();
+        let mut instances = Vec::new();
+        for r in &rows {
+            let app_id = get_i64(r, "app_id")?;
+            let version = to_u32(get_i64(r, "version")?);
+            let mem = match memory.get(&(app_id, version)) {
+                Some(m) => *m,
+                None => {
+                    let m = get_opt_str(r, "config")?
+                        .and_then(|c| serde_json::from_str::<AppConfig>(&c).ok())
+                        .map(|c| c.memory_mb)
+                        .unwrap_or(0);
+                    memory.insert((app_id, version), m);
+                    m
+                }
+            };
+            instances.push(PlacementInstance {
+                id: get_str(r, "id")?,
+                app_id,
+                version,
+                host_id: get_str(r, "host_id")?,
+                ready: instance_state(&get_str(r, "state")?)? == InstanceState::Ready,
+                fenced: get_i64(r, "generation")? < get_i64(r, "host_generation")?,
+                memory_mb: mem,
+            });
+        }
+        Ok(PlacementInputs { hosts, instances })
     }
 
     /// Ids of hosts that heartbeated within `timeout`, sorted.
@@ -347,13 +533,16 @@ impl Store {
             .collect()
     }
 
-    /// Instances of an app as last observed, with host names.
+    /// Instances of an app as last observed, with host names; fenced ones
+    /// (reported by a host that came back after being judged dead) are left
+    /// out: they are being stopped and stand for nothing.
     pub async fn app_instances(&self, app_id: i64) -> Result<Vec<InstanceInfo>> {
         let rows = sqlx::query(
             "SELECT i.id AS id, i.app_name AS app, i.version AS version, h.name AS host, i.state AS state, \
              i.executor_id AS executor_id, i.endpoint AS endpoint, i.started_at AS started_at, i.exit AS exit, \
              i.pid AS pid, i.dbos_admin AS dbos_admin, h.last_heartbeat AS last_heartbeat, h.id AS host_id \
-             FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.app_id = $1 ORDER BY i.started_at, i.id",
+             FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.app_id = $1 \
+             AND i.generation = h.generation ORDER BY i.started_at, i.id",
         )
         .bind(app_id)
         .fetch_all(&self.pool)
@@ -390,7 +579,7 @@ impl Store {
             "SELECT i.app_id AS app_id, i.id AS id, i.endpoint AS endpoint FROM instances i \
              JOIN apps a ON a.id = i.app_id JOIN hosts h ON h.id = i.host_id \
              WHERE i.state = 'ready' AND i.version = a.active_version AND i.endpoint IS NOT NULL \
-             AND h.last_heartbeat >= $1 ORDER BY i.id",
+             AND h.last_heartbeat >= $1 AND i.generation = h.generation ORDER BY i.id",
         )
         .bind(cutoff)
         .fetch_all(&self.pool)

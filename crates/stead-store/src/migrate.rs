@@ -10,6 +10,7 @@ const SQLITE: &[(i64, &str)] = &[
     (3, include_str!("../migrations/sqlite/0003_dbos.sql")),
     (4, include_str!("../migrations/sqlite/0004_scale.sql")),
     (5, include_str!("../migrations/sqlite/0005_replicas.sql")),
+    (6, include_str!("../migrations/sqlite/0006_hosts.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_initial.sql")),
@@ -17,6 +18,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (3, include_str!("../migrations/postgres/0003_dbos.sql")),
     (4, include_str!("../migrations/postgres/0004_scale.sql")),
     (5, include_str!("../migrations/postgres/0005_replicas.sql")),
+    (6, include_str!("../migrations/postgres/0006_hosts.sql")),
 ];
 
 pub(crate) async fn run(store: &Store) -> Result<()> {

@@ -46,6 +46,8 @@ both!(
     crash_looping_target_is_failed,
     rollback_goes_through_the_target,
     replicas_share_one_key_and_take_turns_with_leases,
+    a_host_back_from_the_dead_is_fenced,
+    draining_is_stored_and_listed,
 );
 
 /// Replicas on one database: the first fixes the secret key's check value
@@ -737,6 +739,134 @@ async fn heartbeat_replaces_instances(store: Store) {
     // Empty report clears the host's rows.
     store.heartbeat(&h.host_id, &h.session, &[]).await.unwrap();
     assert_eq!(store.app_instances(app.id).await.unwrap().len(), 1);
+}
+
+async fn a_host_back_from_the_dead_is_fenced(store: Store) {
+    let t = store.create_user_token("acme", "ann").await.unwrap();
+    let org = org_of(&store, &t).await;
+    let h = store.register_host(&reg("h1")).await.unwrap();
+    let app_id = serving_v1(&store, org, &h, "fence").await;
+    let timeout = Duration::from_millis(300);
+    // Heartbeats within the timeout fence nothing.
+    store
+        .heartbeat_fenced(
+            &h.host_id,
+            &h.session,
+            &[inst("v1-a", "fence", 1, InstanceState::Ready)],
+            timeout,
+        )
+        .await
+        .unwrap();
+    let p = store.placement_inputs(timeout).await.unwrap();
+    assert_eq!(p.hosts.len(), 1);
+    assert_eq!(p.instances.len(), 1);
+    assert!(!p.instances[0].fenced);
+    assert_eq!(p.instances[0].memory_mb, 256);
+    // The host is silent past the timeout (the clock, not a wait for an
+    // event): dead, so placement sees neither it nor its instances.
+    tokio::time::sleep(timeout + Duration::from_millis(100)).await;
+    let p = store.placement_inputs(timeout).await.unwrap();
+    assert!(p.hosts.is_empty() && p.instances.is_empty());
+    // It comes back with its old instance and one it started meanwhile:
+    // both are fenced, neither routed nor listed, the host counts them.
+    store
+        .heartbeat_fenced(
+            &h.host_id,
+            &h.session,
+            &[
+                inst("v1-a", "fence", 1, InstanceState::Ready),
+                inst("v1-b", "fence", 1, InstanceState::Ready),
+            ],
+            timeout,
+        )
+        .await
+        .unwrap();
+    let p = store.placement_inputs(timeout).await.unwrap();
+    assert_eq!(p.instances.len(), 2);
+    assert!(p.instances.iter().all(|i| i.fenced), "{:?}", p.instances);
+    assert_eq!(route_of(&store, "fence").await, (Some(1), vec![]));
+    assert!(store.app_instances(app_id).await.unwrap().is_empty());
+    let hosts = store.list_hosts(timeout).await.unwrap();
+    assert_eq!((hosts[0].instances, hosts[0].fenced), (0, 2));
+    assert_eq!(events_of(&store, app_id, "instance_fenced").await.len(), 2);
+    // A new instance after the revival is not fenced; the stale ones stay
+    // fenced in later heartbeats until they are gone.
+    store
+        .heartbeat_fenced(
+            &h.host_id,
+            &h.session,
+            &[
+                inst("v1-a", "fence", 1, InstanceState::Stopping),
+                inst("v1-c", "fence", 1, InstanceState::Ready),
+            ],
+            timeout,
+        )
+        .await
+        .unwrap();
+    let p = store.placement_inputs(timeout).await.unwrap();
+    let fenced: Vec<(&str, bool)> = p
+        .instances
+        .iter()
+        .map(|i| (i.id.as_str(), i.fenced))
+        .collect();
+    assert_eq!(fenced, vec![("v1-a", true), ("v1-c", false)]);
+    assert_eq!(
+        route_of(&store, "fence").await,
+        (Some(1), vec!["v1-c".into()])
+    );
+    // Re-registering after a death fences too: the first heartbeat of the
+    // new session is the one that brings the host back.
+    tokio::time::sleep(timeout + Duration::from_millis(100)).await;
+    let h2 = store.register_host(&reg("h1")).await.unwrap();
+    assert_eq!(h2.host_id, h.host_id);
+    assert!(store
+        .placement_inputs(timeout)
+        .await
+        .unwrap()
+        .hosts
+        .is_empty());
+    store
+        .heartbeat_fenced(
+            &h2.host_id,
+            &h2.session,
+            &[inst("v1-c", "fence", 1, InstanceState::Ready)],
+            timeout,
+        )
+        .await
+        .unwrap();
+    let p = store.placement_inputs(timeout).await.unwrap();
+    assert_eq!(p.instances.len(), 1);
+    assert!(p.instances[0].fenced);
+}
+
+async fn draining_is_stored_and_listed(store: Store) {
+    let h = store.register_host(&reg("d1")).await.unwrap();
+    store.heartbeat(&h.host_id, &h.session, &[]).await.unwrap();
+    let t = Duration::from_secs(30);
+    assert_eq!(store.list_hosts(t).await.unwrap()[0].state, "alive");
+    assert_eq!(
+        store.set_draining("d1", true).await.unwrap().as_deref(),
+        Some("d1")
+    );
+    let hosts = store.list_hosts(t).await.unwrap();
+    assert_eq!(
+        (hosts[0].state.as_str(), hosts[0].draining),
+        ("draining", true)
+    );
+    assert!(store.placement_inputs(t).await.unwrap().hosts[0].draining);
+    // By id too; unknown hosts are None.
+    assert!(store
+        .set_draining(&h.host_id, false)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(store.list_hosts(t).await.unwrap()[0].state, "alive");
+    assert!(store.set_draining("nope", true).await.unwrap().is_none());
+    // A dead host is dead, drained or not.
+    store.set_draining("d1", true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let hosts = store.list_hosts(Duration::from_millis(1)).await.unwrap();
+    assert_eq!(hosts[0].state, "dead");
 }
 
 async fn instance_log_retention_is_capped(store: Store) {

@@ -571,8 +571,28 @@ pub async fn logs(args: LogsArgs) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 pub enum HostsCommand {
-    /// List data-plane hosts.
+    /// List data-plane hosts (alive / draining / dead, instance counts).
     List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop placing instances on HOST and replace those it runs elsewhere
+    /// (each old one stops once its replacement is ready). Needs the
+    /// platform's host token (`stead tokens create --host`).
+    Drain {
+        /// Host name or id.
+        host: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Let HOST take new instances again.
+    Undrain {
+        /// Host name or id.
+        host: String,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -594,6 +614,7 @@ pub async fn hosts(cmd: HostsCommand) -> anyhow::Result<()> {
                     "ID",
                     "STATE",
                     "INSTANCES",
+                    "FENCED",
                     "MEMORY",
                     "CPUS",
                     "BACKENDS",
@@ -607,6 +628,7 @@ pub async fn hosts(cmd: HostsCommand) -> anyhow::Result<()> {
                             h.id.clone(),
                             h.state.clone(),
                             h.instances.to_string(),
+                            h.fenced.to_string(),
                             format!("{} MiB", h.capacity.memory_mb),
                             h.capacity.cpus.to_string(),
                             h.backends.join(","),
@@ -616,8 +638,44 @@ pub async fn hosts(cmd: HostsCommand) -> anyhow::Result<()> {
                     .collect(),
             );
         }
+        HostsCommand::Drain { host, json, client } => {
+            let api = Api::from_args(&client)?;
+            let h: HostInfo = api
+                .post(&format!("/v1/hosts/{}/drain", urlencode(&host)), &())
+                .await?;
+            if json {
+                return print_json(&h);
+            }
+            println!(
+                "host {} is draining: it gets no new instances; its {} instance(s) are replaced elsewhere",
+                h.name, h.instances
+            );
+        }
+        HostsCommand::Undrain { host, json, client } => {
+            let api = Api::from_args(&client)?;
+            let h: HostInfo = api
+                .post(&format!("/v1/hosts/{}/undrain", urlencode(&host)), &())
+                .await?;
+            if json {
+                return print_json(&h);
+            }
+            println!("host {} takes new instances again", h.name);
+        }
     }
     Ok(())
+}
+
+/// Host names are plain (no spaces, no control characters) but may hold
+/// characters a path segment cannot.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

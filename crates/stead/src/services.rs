@@ -38,6 +38,11 @@ pub struct ServerArgs {
     /// them all a copy of the first one's. Default: `<data dir>/secret.key`.
     #[arg(long, env = "STEAD_SECRET_KEY_FILE")]
     pub secret_key_file: Option<PathBuf>,
+    /// A host whose heartbeats stop this long is dead: its instances are
+    /// placed elsewhere, their workflows recovered, and what it still runs
+    /// when it comes back is fenced (stopped).
+    #[arg(long, default_value = "30s", value_parser = crate::scale::parse_duration)]
+    pub host_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -152,6 +157,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let mut config = stead_server::ServerConfig::new(args.database, args.listen, args.data_dir);
+    config.host_timeout = args.host_timeout;
     config.router_url = args.router_url;
     config.domain = args.domain;
     config.secret_key_file = args.secret_key_file;
