@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, Proc, BIN};
+use common::{count, create_token, free_port, Proc, BIN};
 use serde_json::Value;
 
 struct Cluster {
@@ -30,21 +30,8 @@ impl Cluster {
     /// PostgreSQL server.
     fn start(root: &Path, app_databases: Option<&str>) -> Cluster {
         let db = format!("sqlite://{}", root.join("stead.db").display());
-        let token = |args: &[&str]| -> String {
-            let out = Command::new(BIN)
-                .args(["tokens", "create", "--database", &db])
-                .args(args)
-                .output()
-                .expect("tokens");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        };
-        let user_token = token(&["--org", "acme"]);
-        let host_token = token(&["--host"]);
+        let user_token = create_token(&db, &["--org", "acme"]);
+        let host_token = create_token(&db, &["--host"]);
         let (api_port, router_port) = (free_port(), free_port());
         let api = format!("http://127.0.0.1:{api_port}");
         let router = format!("http://127.0.0.1:{router_port}");
@@ -217,15 +204,6 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-fn count(execs: &[Value], wf: &str, step: u64, event: &str) -> usize {
-    execs
-        .iter()
-        .filter(|e| {
-            e["workflow_id"] == wf && e["step"].as_u64() == Some(step) && e["event"] == event
-        })
-        .count()
 }
 
 fn start_gated(c: &Cluster, app: &str, gate: &str, gate_step: u32) -> String {

@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{copy_example, tail, Dev};
+use common::{copy_example, count, tail, Dev};
 use serde_json::Value;
 
 fn http() -> reqwest::blocking::Client {
@@ -72,15 +72,6 @@ fn executions(dev: &Dev, app: &str) -> Vec<Value> {
     }
 }
 
-fn count(execs: &[Value], wf: &str, step: u64, event: &str) -> usize {
-    execs
-        .iter()
-        .filter(|e| {
-            e["workflow_id"] == wf && e["step"].as_u64() == Some(step) && e["event"] == event
-        })
-        .count()
-}
-
 /// The dev log's last lines without the router's access lines (the tests
 /// poll through the router, which would drown everything else).
 fn quiet_tail(dev: &Dev) -> String {
@@ -135,6 +126,18 @@ fn deploy_example(
     dir
 }
 
+/// The instance (from `stead apps status`) that runs executor `executor`.
+fn instance_of(dev: &Dev, app: &str, executor: &str) -> Value {
+    let status = dev.json(&["apps", "status", app, "--json"]);
+    status["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|i| i["executor_id"] == executor)
+        .unwrap_or_else(|| panic!("no instance runs executor {executor}: {status}"))
+        .clone()
+}
+
 /// Kills -9 the instance running `wf` while its step 2 runs; the workflow
 /// completes on the replacement, step 1 is not run again, and the event log
 /// shows the recovery of the dead executor.
@@ -146,14 +149,7 @@ fn kill_mid_step(dev: &Dev, app: &str) {
             .find(|e| e["workflow_id"] == wf.as_str() && e["step"] == 2 && e["event"] == "start")
             .and_then(|e| e["executor"].as_str().map(str::to_string))
     });
-    let status = dev.json(&["apps", "status", app, "--json"]);
-    let victim = status["instances"]
-        .as_array()
-        .expect("instances")
-        .iter()
-        .find(|i| i["executor_id"] == executor.as_str())
-        .unwrap_or_else(|| panic!("no instance runs executor {executor}: {status}"))
-        .clone();
+    let victim = instance_of(dev, app, &executor);
     let pid = victim["pid"].as_u64().expect("pid");
     let killed_at = Instant::now();
     let ok = std::process::Command::new("kill")
@@ -486,14 +482,7 @@ fn hung_instance_is_killed_and_its_workflow_recovered() {
             .find(|e| e["workflow_id"] == wf.as_str() && e["step"] == 2 && e["event"] == "start")
             .and_then(|e| e["executor"].as_str().map(str::to_string))
     });
-    let status = dev.json(&["apps", "status", app, "--json"]);
-    let victim = status["instances"]
-        .as_array()
-        .expect("instances")
-        .iter()
-        .find(|i| i["executor_id"] == executor.as_str())
-        .unwrap_or_else(|| panic!("no instance runs executor {executor}: {status}"))
-        .clone();
+    let victim = instance_of(&dev, app, &executor);
     let sandbox_pid = victim["pid"].as_u64().expect("pid") as u32;
     let app_pids = descendants_running(sandbox_pid, "app.py");
     assert!(
@@ -938,7 +927,17 @@ fn bench_recovery() {
         } else {
             "python"
         };
-        let block = runs.clamp(1, 5);
+        // One platform run, one baseline run, and so on (STEAD_BENCH_BLOCK
+        // runs of each at a time): the machine's load moves within minutes.
+        let block: usize = std::env::var("STEAD_BENCH_BLOCK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+            .max(1);
+        // A warm-up run, not counted: the first instance was only just
+        // ready, and an instance that dies within a second of becoming
+        // ready counts as a crash at start (restart backoff).
+        kill_and_time(&dev, &app, trigger, 1);
         let (mut samples, mut base) = (Vec::new(), Vec::new());
         while samples.len() < runs {
             let n = block.min(runs - samples.len());

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{free_port, Proc, BIN};
+use common::{count, create_token, free_port, Proc, BIN};
 use serde_json::Value;
 
 struct Replicas {
@@ -23,20 +23,6 @@ struct Replicas {
     router_url: String,
     user_token: String,
     host_token: String,
-}
-
-fn token(db: &str, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(["tokens", "create", "--database", db])
-        .args(args)
-        .output()
-        .expect("tokens");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn server_args(root: &Path, db: &str, app_db: &str, port: u16, n: usize) -> Vec<String> {
@@ -150,15 +136,6 @@ impl Replicas {
     }
 }
 
-fn count(execs: &[Value], wf: &str, step: u64, event: &str) -> usize {
-    execs
-        .iter()
-        .filter(|e| {
-            e["workflow_id"] == wf && e["step"].as_u64() == Some(step) && e["event"] == event
-        })
-        .count()
-}
-
 #[test]
 fn two_replicas_on_postgresql_share_the_work_and_take_over() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -166,8 +143,8 @@ fn two_replicas_on_postgresql_share_the_work_and_take_over() {
     let tmp = tempfile::tempdir().expect("tmp");
     let root = tmp.path();
     let db = pg.url.clone();
-    let user_token = token(&db, &["--org", "acme"]);
-    let host_token = token(&db, &["--host"]);
+    let user_token = create_token(&db, &["--org", "acme"]);
+    let host_token = create_token(&db, &["--host"]);
     let ports = [free_port(), free_port()];
     let urls = [0, 1].map(|n| format!("http://127.0.0.1:{}", ports[n]));
     // The first replica creates the key file; the second gets the same.

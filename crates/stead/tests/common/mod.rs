@@ -447,3 +447,30 @@ impl Drop for Proc {
         }
     }
 }
+
+/// How many step executions `execs` (an app's `GET /executions`) records
+/// for workflow `wf`, step `step`, event `event` ("start" or "end").
+pub fn count(execs: &[serde_json::Value], wf: &str, step: u64, event: &str) -> usize {
+    execs
+        .iter()
+        .filter(|e| {
+            e["workflow_id"] == wf && e["step"].as_u64() == Some(step) && e["event"] == event
+        })
+        .count()
+}
+
+/// `stead tokens create --database DB ARGS...`: a user token (`--org X`)
+/// or a host token (`--host`).
+pub fn create_token(db: &str, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["tokens", "create", "--database", db])
+        .args(args)
+        .output()
+        .expect("tokens");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
