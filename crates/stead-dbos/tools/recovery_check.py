@@ -91,7 +91,7 @@ class Runner:
             STEAD_DATA_DIR=self.data,
             DBOS_ADMIN_PORT=str(admin),
         )
-        app = APPS[self.args.app]
+        app = self.args.app_dir or APPS[self.args.app]
         if self.args.app == "rust":
             cmd = [os.path.join(app, "target", "release", "dbos-rust-example")]
         else:
@@ -192,6 +192,7 @@ def main():
         help="the stead-dbos re-enqueue command (cargo build -p stead-dbos --example dbos-reenqueue)",
     )
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--app-dir", help="the app's folder (default: the example in this repository); for rust, one with target/release built")
     args = ap.parse_args()
     r = Runner(args)
     try:

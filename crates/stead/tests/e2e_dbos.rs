@@ -837,19 +837,27 @@ fn kill_and_time(dev: &Dev, app: &str, trigger: &str, runs: usize) -> Vec<f64> {
 }
 
 /// The library restarted by hand (no Stead), `runs` times: the same app
-/// from the same virtualenv, killed -9 during step 2 and restarted at once
+/// (the platform's build of it, from the same virtualenv), killed -9 during step 2 and restarted at once
 /// under the same executor id, so its own startup recovery resumes it
 /// (`crates/stead-dbos/tools/recovery_check.py --mode baseline`). Returns
 /// the seconds from each kill to step 2 starting again.
-fn baseline_by_hand(lib: &str, python: &std::path::Path, runs: usize) -> Vec<f64> {
+fn baseline_by_hand(
+    lib: &str,
+    python: &std::path::Path,
+    app_dir: &std::path::Path,
+    db: &str,
+    runs: usize,
+) -> Vec<f64> {
     let tool = common::repo_root().join("crates/stead-dbos/tools/recovery_check.py");
     let out = std::process::Command::new("python3")
         .arg(&tool)
         .args(["--app", lib, "--python"])
         .arg(python)
+        .arg("--app-dir")
+        .arg(app_dir)
         .args([
             "--db",
-            "sqlite",
+            db,
             "--mode",
             "baseline",
             "--runs",
@@ -885,17 +893,41 @@ fn bench_recovery() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let tmp = tempfile::tempdir().expect("tmp");
-    let dev = Dev::start(tmp.path());
+    let only = std::env::var("STEAD_BENCH_TRIGGERS").unwrap_or_default();
+    let wanted = |t: &str| only.is_empty() || only.split(',').any(|x| x == t);
+    // The Rust crate needs PostgreSQL: a throwaway cluster for its platform
+    // database (and one more database for the run by hand).
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = wanted("rust-database").then(|| {
+        (
+            rt.block_on(stead_store::testing::postgres_database()),
+            rt.block_on(stead_store::testing::postgres_database()),
+        )
+    });
+    for d in ["sqlite", "pg"] {
+        std::fs::create_dir_all(tmp.path().join(d)).expect("mkdir");
+    }
+    let dev = Dev::start(&tmp.path().join("sqlite"));
+    let dev_pg = pg.as_ref().map(|(platform, _)| {
+        Dev::start_with_env(
+            &tmp.path().join("pg"),
+            &[("STEAD_APP_DATABASE_URL", platform.admin_url())],
+        )
+    });
     let triggers = [
         ("database", "dbos-python", None),
         ("admin", "dbos-python2", None),
         ("executor-id", "dbos-python", Some("executor-id")),
+        ("rust-database", "dbos-rust", None),
     ];
-    let only = std::env::var("STEAD_BENCH_TRIGGERS").unwrap_or_default();
     for (trigger, example, mode) in triggers {
-        if !only.is_empty() && !only.split(',').any(|t| t == trigger) {
+        if !wanted(trigger) {
             continue;
         }
+        let (dev, base_db) = match (trigger, &dev_pg, &pg) {
+            ("rust-database", Some(d), Some((_, by_hand))) => (d, by_hand.url.clone()),
+            _ => (&dev, "sqlite".to_string()),
+        };
         let app = format!("bench-{}", trigger.replace('-', ""));
         let dir = copy_example(example, &tmp.path().join(&app));
         if let Some(mode) = mode {
@@ -915,17 +947,12 @@ fn bench_recovery() {
             "--timeout",
             "900",
         ]);
-        // Platform and baseline alternate in blocks, so that the machine's
-        // load weighs on both alike.
-        let venv_python = dev
-            .data_dir
-            .join("agent/apps")
-            .join(&app)
-            .join("v1/.venv/bin/python3");
-        let lib = if example == "dbos-python2" {
-            "python2"
-        } else {
-            "python"
+        let build = dev.data_dir.join("agent/apps").join(&app).join("v1");
+        let venv_python = build.join(".venv/bin/python3");
+        let lib = match example {
+            "dbos-python2" => "python2",
+            "dbos-rust" => "rust",
+            _ => "python",
         };
         // One platform run, one baseline run, and so on (STEAD_BENCH_BLOCK
         // runs of each at a time): the machine's load moves within minutes.
@@ -937,12 +964,12 @@ fn bench_recovery() {
         // A warm-up run, not counted: the first instance was only just
         // ready, and an instance that dies within a second of becoming
         // ready counts as a crash at start (restart backoff).
-        kill_and_time(&dev, &app, trigger, 1);
+        kill_and_time(dev, &app, trigger, 1);
         let (mut samples, mut base) = (Vec::new(), Vec::new());
         while samples.len() < runs {
             let n = block.min(runs - samples.len());
-            samples.extend(kill_and_time(&dev, &app, trigger, n));
-            base.extend(baseline_by_hand(lib, &venv_python, n));
+            samples.extend(kill_and_time(dev, &app, trigger, n));
+            base.extend(baseline_by_hand(lib, &venv_python, &build, &base_db, n));
         }
         let stats = |v: &mut Vec<f64>| {
             v.sort_by(|a, b| a.total_cmp(b));
