@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DURATION = int(os.environ.get("BENCH_DURATION", "10"))
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", "15"))
 BURSTS = int(os.environ.get("BENCH_BURSTS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 WRK_CONNECTIONS = 64
 WRK_THREADS = 2
 
@@ -62,7 +63,7 @@ class Dev:
         self.log_path = os.path.join(tmp, "dev.log")
         env = dict(os.environ)
         # No access log (nginx runs with `access_log off` too); warnings only.
-        env["STEAD_LOG"] = "warn"
+        env["STEAD_LOG"] = os.environ.get("BENCH_STEAD_LOG", "warn")
         env["STEAD_CONFIG_DIR"] = os.path.join(tmp, "config")
         self.env = env
         self.proc = subprocess.Popen(
@@ -244,11 +245,13 @@ def bench_router(dev, tmp, results):
     for name, (url, host) in targets.items():
         wrk(url, 2, host, script)  # warm up connections and pools
     runs = {k: [] for k in targets}
-    for rnd in range(3):
+    for rnd in range(ROUNDS):
         for name, (url, host) in targets.items():
             d = wrk(url, DURATION, host, script)
+            d["load"] = os.getloadavg()[0]
             log(f"   round {rnd + 1} {name:6} {d['rps']:10.0f} req/s  p50 {d['p50_us']/1000:.3f} ms  "
-                f"p99 {d['p99_us']/1000:.3f} ms  errors {d['errors']} non-2xx {d['non2xx']}")
+                f"p99 {d['p99_us']/1000:.3f} ms  errors {d['errors']} non-2xx {d['non2xx']}  "
+                f"(load {d['load']:.2f})")
             runs[name].append(d)
     summary = {}
     for name, rs in runs.items():
@@ -310,16 +313,7 @@ def bench_coldstart(dev, tmp, results):
         st = dev.status(app)
         return st["autoscale"] and st["autoscale"]["desired"] == 0 and not st["instances"]
 
-    platform = []
-    for i in range(SAMPLES):
-        dev.wait("scale to zero", at_zero, 60)
-        t, status = first_byte("127.0.0.1", dev.router_port, "/", f"{app}.localhost")
-        if status != "200":
-            raise SystemExit(f"cold request answered {status}")
-        platform.append(t)
-        log(f"   platform sample {i + 1}: {t * 1000:.1f} ms")
-    direct = []
-    for i in range(SAMPLES):
+    def direct_sample():
         port = free_port()
         env = dict(os.environ, PORT=str(port))
         t0 = time.perf_counter()
@@ -338,12 +332,28 @@ def bench_coldstart(dev, tmp, results):
             with s:
                 s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 s.recv(1)
-                t = time.perf_counter() - t0
+                return time.perf_counter() - t0
         finally:
             p.kill()
             p.wait()
-        direct.append(t)
-        log(f"   direct sample {i + 1}: {t * 1000:.1f} ms")
+
+    # Interleaved: each platform sample is followed at once by a direct
+    # one, so the machine's load weighs on both alike.
+    platform = []
+    direct = []
+    loads = []
+    for i in range(SAMPLES):
+        dev.wait("scale to zero", at_zero, 60)
+        load = os.getloadavg()[0]
+        loads.append(load)
+        t, status = first_byte("127.0.0.1", dev.router_port, "/", f"{app}.localhost")
+        if status != "200":
+            raise SystemExit(f"cold request answered {status}")
+        platform.append(t)
+        d = direct_sample()
+        direct.append(d)
+        log(f"   sample {i + 1}: platform {t * 1000:.1f} ms, direct {d * 1000:.1f} ms, "
+            f"added {(t - d) * 1000:.1f} ms (load {load:.2f})")
 
     def stats(v):
         return {"median_ms": statistics.median(v) * 1000, "p95_ms": pct(v, 95) * 1000,
@@ -355,6 +365,8 @@ def bench_coldstart(dev, tmp, results):
         "added_median_ms": (statistics.median(platform) - statistics.median(direct)) * 1000,
         "added_p95_ms": (pct(platform, 95) - pct(direct, 95)) * 1000,
         "ratio_median": statistics.median(platform) / statistics.median(direct),
+        "added_pairwise_median_ms": statistics.median(p - d for p, d in zip(platform, direct)) * 1000,
+        "load": {"min": min(loads), "max": max(loads)},
     }
 
 
@@ -457,7 +469,7 @@ def main():
 def summary(r):
     lines = []
     if "router" in r:
-        lines += ["Router overhead (medians of 3 rounds, " + r["router"]["wrk"] + "):", "",
+        lines += [f"Router overhead (medians of {ROUNDS} rounds, " + r["router"]["wrk"] + "):", "",
                   "| path | req/s | p50 ms | p95 ms | p99 ms | req/s vs nginx | p99 vs nginx |",
                   "|---|---|---|---|---|---|---|"]
         for name, s in r["router"]["summary"].items():
@@ -472,7 +484,9 @@ def summary(r):
                   f"| binary spawned directly | {c['direct']['median_ms']:.1f} | "
                   f"{c['direct']['p95_ms']:.1f} | {c['direct']['p99_ms']:.1f} |",
                   f"| added by the platform | {c['added_median_ms']:.1f} | {c['added_p95_ms']:.1f} | |",
-                  ""]
+                  "",
+                  f"(pairwise median of platform - direct: {c['added_pairwise_median_ms']:.1f} ms; "
+                  f"load {c['load']['min']:.2f}-{c['load']['max']:.2f})", ""]
     if "scaleup" in r:
         s = r["scaleup"]
         lines += [f"Scale-up reaction: median {s['median_ms']:.0f} ms, max {s['max_ms']:.0f} ms "
