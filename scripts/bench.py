@@ -27,6 +27,11 @@ DURATION = int(os.environ.get("BENCH_DURATION", "10"))
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", "15"))
 BURSTS = int(os.environ.get("BENCH_BURSTS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+# BENCH_TRACE=1: debug logs of the cold-start path, and a table of where
+# each cold start's time went (parsed from them). Logging costs time of its
+# own, so the headline figures come from runs without it.
+TRACE = os.environ.get("BENCH_TRACE") == "1"
+TRACE_LOG = "info,stead_agent=debug,stead_sandbox=debug,stead_server::agent=trace"
 WRK_CONNECTIONS = 64
 WRK_THREADS = 2
 
@@ -63,7 +68,7 @@ class Dev:
         self.log_path = os.path.join(tmp, "dev.log")
         env = dict(os.environ)
         # No access log (nginx runs with `access_log off` too); warnings only.
-        env["STEAD_LOG"] = os.environ.get("BENCH_STEAD_LOG", "warn")
+        env["STEAD_LOG"] = TRACE_LOG if TRACE else os.environ.get("BENCH_STEAD_LOG", "warn")
         env["STEAD_CONFIG_DIR"] = os.path.join(tmp, "config")
         self.env = env
         self.proc = subprocess.Popen(
@@ -269,6 +274,15 @@ def bench_router(dev, tmp, results):
         s["rps_vs_nginx"] = s["rps"] / base["rps"]
         s["p99_vs_nginx"] = s["p99_ms"] / base["p99_ms"]
         s["rps_vs_direct"] = s["rps"] / summary["direct"]["rps"]
+    # Each round runs the three paths back to back, so the ratio within a
+    # round is the least disturbed by the machine's load drifting between
+    # rounds: its median is reported too.
+    stead_over_nginx = [s_["rps"] / n["rps"] for s_, n in zip(runs["stead"], runs["nginx"])]
+    p99_over_nginx = [s_["p99_us"] / n["p99_us"] for s_, n in zip(runs["stead"], runs["nginx"])]
+    summary["stead"]["round_rps_vs_nginx"] = stead_over_nginx
+    summary["stead"]["round_p99_vs_nginx"] = p99_over_nginx
+    summary["stead"]["median_round_rps_vs_nginx"] = statistics.median(stead_over_nginx)
+    summary["stead"]["median_round_p99_vs_nginx"] = statistics.median(p99_over_nginx)
     results["router"] = {
         "wrk": f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{DURATION}s --latency",
         "endpoint": endpoint,
@@ -368,6 +382,53 @@ def bench_coldstart(dev, tmp, results):
         "added_pairwise_median_ms": statistics.median(p - d for p, d in zip(platform, direct)) * 1000,
         "load": {"min": min(loads), "max": max(loads)},
     }
+    if TRACE:
+        results["coldstart"]["breakdown"] = coldstart_breakdown(dev.log_path, app)
+
+
+def coldstart_breakdown(log_path, app):
+    """Stages of each cold start of `app`, from `stead dev`'s debug log (BENCH_TRACE=1)."""
+    from datetime import datetime, timezone
+
+    def ts(line):
+        return datetime.strptime(line[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
+    rows, cur = [], None
+    with open(log_path) as f:
+        for line in f:
+            line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+            if f"app={app} " in line and "waking for" in line:
+                cur = {"decided": ts(line)}
+            elif cur is None:
+                continue
+            elif "starting instance" in line and "start" not in cur:
+                cur["start"] = ts(line)
+            elif "init executed" in line and "init" not in cur:
+                cur["init"] = ts(line)
+            elif "sandbox started" in line and "exec" not in cur:
+                cur["exec"] = ts(line)
+            elif "instance ready" in line and "ready" not in cur:
+                cur["ready"] = ts(line)
+            elif "heartbeat stored" in line and "ready" in cur and "stored" not in cur:
+                cur["stored"] = ts(line)
+            elif "stead_router::access" in line and f'app="{app}"' in line and "stored" in cur:
+                m = re.search(r"duration_ms=([\d.]+)", line)
+                cur["done"] = ts(line)
+                cur["arrived"] = cur["done"] - float(m.group(1)) / 1000
+                rows.append(cur)
+                cur = None
+    stages = [("arrived", "decided", "request held at the router -> wake-up decided (0 -> 1)"),
+              ("decided", "start", "-> held heartbeat answered, agent starts the instance"),
+              ("start", "init", "-> sandbox init executed (prepare, cgroup, fork, cgroup join, unshare, exec)"),
+              ("init", "exec", "-> app executed (the init's chain: root, pid 1, user namespace, seccomp)"),
+              ("exec", "ready", "-> health probe passes"),
+              ("ready", "stored", "-> ready heartbeat stored by the control plane"),
+              ("stored", "done", "-> routes long-poll answered, request forwarded, answer back")]
+    out = []
+    for a, b, name in stages:
+        v = [(r[b] - r[a]) * 1000 for r in rows if a in r and b in r]
+        if v:
+            out.append({"stage": name, "median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)})
+    return {"samples": len(rows), "stages": out}
 
 
 def bench_scaleup(dev, tmp, results):
@@ -475,6 +536,12 @@ def summary(r):
         for name, s in r["router"]["summary"].items():
             lines.append(f"| {name} | {s['rps']:.0f} | {s['p50_ms']:.3f} | {s['p95_ms']:.3f} | "
                          f"{s['p99_ms']:.3f} | {s['rps_vs_nginx']:.2f} | {s['p99_vs_nginx']:.2f} |")
+        st = r["router"]["summary"]["stead"]
+        lines += ["", "stead/nginx per round: req/s " + " ".join(f"{x:.2f}" for x in st["round_rps_vs_nginx"])
+                  + f" (median {st['median_round_rps_vs_nginx']:.2f}); p99 "
+                  + " ".join(f"{x:.2f}" for x in st["round_p99_vs_nginx"])
+                  + f" (median {st['median_round_p99_vs_nginx']:.2f}); load "
+                  + " ".join(f"{d['load']:.1f}" for d in st["runs"])]
         lines.append("")
     if "coldstart" in r:
         c = r["coldstart"]
@@ -487,6 +554,13 @@ def summary(r):
                   "",
                   f"(pairwise median of platform - direct: {c['added_pairwise_median_ms']:.1f} ms; "
                   f"load {c['load']['min']:.2f}-{c['load']['max']:.2f})", ""]
+        if "breakdown" in c:
+            b = c["breakdown"]
+            lines += [f"Where the time went ({b['samples']} traced cold starts, ms):", "",
+                      "| stage | median | min | max |", "|---|---|---|---|"]
+            lines += [f"| {x['stage']} | {x['median_ms']:.1f} | {x['min_ms']:.1f} | {x['max_ms']:.1f} |"
+                      for x in b["stages"]]
+            lines.append("")
     if "scaleup" in r:
         s = r["scaleup"]
         lines += [f"Scale-up reaction: median {s['median_ms']:.0f} ms, max {s['max_ms']:.0f} ms "
