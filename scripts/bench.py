@@ -170,6 +170,24 @@ def wrk(url, seconds, host=None, script=None):
     return d
 
 
+def cpu_seconds(pids):
+    """User + system CPU time so far of the processes `pids` (from /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid):
+    r = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in r.stdout.split()]
+
+
 def nginx_start(tmp, upstream, port):
     prefix = os.path.join(tmp, "nginx")
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
@@ -242,21 +260,30 @@ def bench_router(dev, tmp, results):
     script = os.path.join(tmp, "report.lua")
     with open(script, "w") as f:
         f.write(WRK_LUA)
+    # The processes whose CPU time each path costs (besides wrk, the agent's
+    # forwarder and the app, which all three share): CPU per request does
+    # not depend on how busy the machine is, unlike requests per second.
+    nginx_pids = [nginx.pid] + child_pids(nginx.pid)
     targets = {
-        "direct": (f"http://{endpoint}/", None),
-        "stead": (f"http://127.0.0.1:{router_port}/", "bench-hello.localhost"),
-        "nginx": (f"http://127.0.0.1:{nginx_port}/", None),
+        "direct": (f"http://{endpoint}/", None, []),
+        "stead": (f"http://127.0.0.1:{router_port}/", "bench-hello.localhost", [router.pid]),
+        "nginx": (f"http://127.0.0.1:{nginx_port}/", None, nginx_pids),
     }
-    for name, (url, host) in targets.items():
+    for name, (url, host, _) in targets.items():
         wrk(url, 2, host, script)  # warm up connections and pools
     runs = {k: [] for k in targets}
     for rnd in range(ROUNDS):
-        for name, (url, host) in targets.items():
+        for name, (url, host, pids) in targets.items():
+            cpu0, fwd0 = cpu_seconds(pids), cpu_seconds([dev.proc.pid])
             d = wrk(url, DURATION, host, script)
             d["load"] = os.getloadavg()[0]
+            n = max(d["requests"], 1)
+            d["proxy_cpu_us_per_req"] = (cpu_seconds(pids) - cpu0) / n * 1e6
+            d["dev_cpu_us_per_req"] = (cpu_seconds([dev.proc.pid]) - fwd0) / n * 1e6
             log(f"   round {rnd + 1} {name:6} {d['rps']:10.0f} req/s  p50 {d['p50_us']/1000:.3f} ms  "
                 f"p99 {d['p99_us']/1000:.3f} ms  errors {d['errors']} non-2xx {d['non2xx']}  "
-                f"(load {d['load']:.2f})")
+                f"proxy CPU {d['proxy_cpu_us_per_req']:.1f} us/req, stead dev (forwarder) "
+                f"{d['dev_cpu_us_per_req']:.1f} us/req  (load {d['load']:.2f})")
             runs[name].append(d)
     summary = {}
     for name, rs in runs.items():
@@ -266,6 +293,8 @@ def bench_router(dev, tmp, results):
             "p95_ms": statistics.median(r["p95_us"] for r in rs) / 1000,
             "p99_ms": statistics.median(r["p99_us"] for r in rs) / 1000,
             "errors": sum(r["errors"] + r["non2xx"] for r in rs),
+            "proxy_cpu_us_per_req": statistics.median(r["proxy_cpu_us_per_req"] for r in rs),
+            "dev_cpu_us_per_req": statistics.median(r["dev_cpu_us_per_req"] for r in rs),
             "runs": rs,
         }
     base = summary["nginx"]
@@ -531,11 +560,13 @@ def summary(r):
     lines = []
     if "router" in r:
         lines += [f"Router overhead (medians of {ROUNDS} rounds, " + r["router"]["wrk"] + "):", "",
-                  "| path | req/s | p50 ms | p95 ms | p99 ms | req/s vs nginx | p99 vs nginx |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| path | req/s | p50 ms | p95 ms | p99 ms | req/s vs nginx | p99 vs nginx "
+                  "| proxy CPU µs/req | forwarder (stead dev) CPU µs/req |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, s in r["router"]["summary"].items():
             lines.append(f"| {name} | {s['rps']:.0f} | {s['p50_ms']:.3f} | {s['p95_ms']:.3f} | "
-                         f"{s['p99_ms']:.3f} | {s['rps_vs_nginx']:.2f} | {s['p99_vs_nginx']:.2f} |")
+                         f"{s['p99_ms']:.3f} | {s['rps_vs_nginx']:.2f} | {s['p99_vs_nginx']:.2f} "
+                         f"| {s['proxy_cpu_us_per_req']:.1f} | {s['dev_cpu_us_per_req']:.1f} |")
         st = r["router"]["summary"]["stead"]
         lines += ["", "stead/nginx per round: req/s " + " ".join(f"{x:.2f}" for x in st["round_rps_vs_nginx"])
                   + f" (median {st['median_round_rps_vs_nginx']:.2f}); p99 "
