@@ -26,6 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DURATION = int(os.environ.get("BENCH_DURATION", "10"))
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", "15"))
 BURSTS = int(os.environ.get("BENCH_BURSTS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+# BENCH_TRACE=1: debug logs of the cold-start path, and a table of where
+# each cold start's time went (parsed from them). Logging costs time of its
+# own, so the headline figures come from runs without it.
+TRACE = os.environ.get("BENCH_TRACE") == "1"
+TRACE_LOG = "info,stead_agent=debug,stead_sandbox=debug,stead_server::agent=trace"
 WRK_CONNECTIONS = 64
 WRK_THREADS = 2
 
@@ -62,7 +68,7 @@ class Dev:
         self.log_path = os.path.join(tmp, "dev.log")
         env = dict(os.environ)
         # No access log (nginx runs with `access_log off` too); warnings only.
-        env["STEAD_LOG"] = "warn"
+        env["STEAD_LOG"] = TRACE_LOG if TRACE else os.environ.get("BENCH_STEAD_LOG", "warn")
         env["STEAD_CONFIG_DIR"] = os.path.join(tmp, "config")
         self.env = env
         self.proc = subprocess.Popen(
@@ -164,6 +170,24 @@ def wrk(url, seconds, host=None, script=None):
     return d
 
 
+def cpu_seconds(pids):
+    """User + system CPU time so far of the processes `pids` (from /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid):
+    r = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in r.stdout.split()]
+
+
 def nginx_start(tmp, upstream, port):
     prefix = os.path.join(tmp, "nginx")
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
@@ -236,19 +260,30 @@ def bench_router(dev, tmp, results):
     script = os.path.join(tmp, "report.lua")
     with open(script, "w") as f:
         f.write(WRK_LUA)
+    # The processes whose CPU time each path costs (besides wrk, the agent's
+    # forwarder and the app, which all three share): CPU per request does
+    # not depend on how busy the machine is, unlike requests per second.
+    nginx_pids = [nginx.pid] + child_pids(nginx.pid)
     targets = {
-        "direct": (f"http://{endpoint}/", None),
-        "stead": (f"http://127.0.0.1:{router_port}/", "bench-hello.localhost"),
-        "nginx": (f"http://127.0.0.1:{nginx_port}/", None),
+        "direct": (f"http://{endpoint}/", None, []),
+        "stead": (f"http://127.0.0.1:{router_port}/", "bench-hello.localhost", [router.pid]),
+        "nginx": (f"http://127.0.0.1:{nginx_port}/", None, nginx_pids),
     }
-    for name, (url, host) in targets.items():
+    for name, (url, host, _) in targets.items():
         wrk(url, 2, host, script)  # warm up connections and pools
     runs = {k: [] for k in targets}
-    for rnd in range(3):
-        for name, (url, host) in targets.items():
+    for rnd in range(ROUNDS):
+        for name, (url, host, pids) in targets.items():
+            cpu0, fwd0 = cpu_seconds(pids), cpu_seconds([dev.proc.pid])
             d = wrk(url, DURATION, host, script)
+            d["load"] = os.getloadavg()[0]
+            n = max(d["requests"], 1)
+            d["proxy_cpu_us_per_req"] = (cpu_seconds(pids) - cpu0) / n * 1e6
+            d["dev_cpu_us_per_req"] = (cpu_seconds([dev.proc.pid]) - fwd0) / n * 1e6
             log(f"   round {rnd + 1} {name:6} {d['rps']:10.0f} req/s  p50 {d['p50_us']/1000:.3f} ms  "
-                f"p99 {d['p99_us']/1000:.3f} ms  errors {d['errors']} non-2xx {d['non2xx']}")
+                f"p99 {d['p99_us']/1000:.3f} ms  errors {d['errors']} non-2xx {d['non2xx']}  "
+                f"proxy CPU {d['proxy_cpu_us_per_req']:.1f} us/req, stead dev (forwarder) "
+                f"{d['dev_cpu_us_per_req']:.1f} us/req  (load {d['load']:.2f})")
             runs[name].append(d)
     summary = {}
     for name, rs in runs.items():
@@ -258,6 +293,8 @@ def bench_router(dev, tmp, results):
             "p95_ms": statistics.median(r["p95_us"] for r in rs) / 1000,
             "p99_ms": statistics.median(r["p99_us"] for r in rs) / 1000,
             "errors": sum(r["errors"] + r["non2xx"] for r in rs),
+            "proxy_cpu_us_per_req": statistics.median(r["proxy_cpu_us_per_req"] for r in rs),
+            "dev_cpu_us_per_req": statistics.median(r["dev_cpu_us_per_req"] for r in rs),
             "runs": rs,
         }
     base = summary["nginx"]
@@ -266,6 +303,15 @@ def bench_router(dev, tmp, results):
         s["rps_vs_nginx"] = s["rps"] / base["rps"]
         s["p99_vs_nginx"] = s["p99_ms"] / base["p99_ms"]
         s["rps_vs_direct"] = s["rps"] / summary["direct"]["rps"]
+    # Each round runs the three paths back to back, so the ratio within a
+    # round is the least disturbed by the machine's load drifting between
+    # rounds: its median is reported too.
+    stead_over_nginx = [s_["rps"] / n["rps"] for s_, n in zip(runs["stead"], runs["nginx"])]
+    p99_over_nginx = [s_["p99_us"] / n["p99_us"] for s_, n in zip(runs["stead"], runs["nginx"])]
+    summary["stead"]["round_rps_vs_nginx"] = stead_over_nginx
+    summary["stead"]["round_p99_vs_nginx"] = p99_over_nginx
+    summary["stead"]["median_round_rps_vs_nginx"] = statistics.median(stead_over_nginx)
+    summary["stead"]["median_round_p99_vs_nginx"] = statistics.median(p99_over_nginx)
     results["router"] = {
         "wrk": f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{DURATION}s --latency",
         "endpoint": endpoint,
@@ -310,16 +356,7 @@ def bench_coldstart(dev, tmp, results):
         st = dev.status(app)
         return st["autoscale"] and st["autoscale"]["desired"] == 0 and not st["instances"]
 
-    platform = []
-    for i in range(SAMPLES):
-        dev.wait("scale to zero", at_zero, 60)
-        t, status = first_byte("127.0.0.1", dev.router_port, "/", f"{app}.localhost")
-        if status != "200":
-            raise SystemExit(f"cold request answered {status}")
-        platform.append(t)
-        log(f"   platform sample {i + 1}: {t * 1000:.1f} ms")
-    direct = []
-    for i in range(SAMPLES):
+    def direct_sample():
         port = free_port()
         env = dict(os.environ, PORT=str(port))
         t0 = time.perf_counter()
@@ -338,12 +375,28 @@ def bench_coldstart(dev, tmp, results):
             with s:
                 s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 s.recv(1)
-                t = time.perf_counter() - t0
+                return time.perf_counter() - t0
         finally:
             p.kill()
             p.wait()
-        direct.append(t)
-        log(f"   direct sample {i + 1}: {t * 1000:.1f} ms")
+
+    # Interleaved: each platform sample is followed at once by a direct
+    # one, so the machine's load weighs on both alike.
+    platform = []
+    direct = []
+    loads = []
+    for i in range(SAMPLES):
+        dev.wait("scale to zero", at_zero, 60)
+        load = os.getloadavg()[0]
+        loads.append(load)
+        t, status = first_byte("127.0.0.1", dev.router_port, "/", f"{app}.localhost")
+        if status != "200":
+            raise SystemExit(f"cold request answered {status}")
+        platform.append(t)
+        d = direct_sample()
+        direct.append(d)
+        log(f"   sample {i + 1}: platform {t * 1000:.1f} ms, direct {d * 1000:.1f} ms, "
+            f"added {(t - d) * 1000:.1f} ms (load {load:.2f})")
 
     def stats(v):
         return {"median_ms": statistics.median(v) * 1000, "p95_ms": pct(v, 95) * 1000,
@@ -355,7 +408,56 @@ def bench_coldstart(dev, tmp, results):
         "added_median_ms": (statistics.median(platform) - statistics.median(direct)) * 1000,
         "added_p95_ms": (pct(platform, 95) - pct(direct, 95)) * 1000,
         "ratio_median": statistics.median(platform) / statistics.median(direct),
+        "added_pairwise_median_ms": statistics.median(p - d for p, d in zip(platform, direct)) * 1000,
+        "load": {"min": min(loads), "max": max(loads)},
     }
+    if TRACE:
+        results["coldstart"]["breakdown"] = coldstart_breakdown(dev.log_path, app)
+
+
+def coldstart_breakdown(log_path, app):
+    """Stages of each cold start of `app`, from `stead dev`'s debug log (BENCH_TRACE=1)."""
+    from datetime import datetime, timezone
+
+    def ts(line):
+        return datetime.strptime(line[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
+    rows, cur = [], None
+    with open(log_path) as f:
+        for line in f:
+            line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+            if f"app={app} " in line and "waking for" in line:
+                cur = {"decided": ts(line)}
+            elif cur is None:
+                continue
+            elif "starting instance" in line and "start" not in cur:
+                cur["start"] = ts(line)
+            elif "init executed" in line and "init" not in cur:
+                cur["init"] = ts(line)
+            elif "sandbox started" in line and "exec" not in cur:
+                cur["exec"] = ts(line)
+            elif "instance ready" in line and "ready" not in cur:
+                cur["ready"] = ts(line)
+            elif "heartbeat stored" in line and "ready" in cur and "stored" not in cur:
+                cur["stored"] = ts(line)
+            elif "stead_router::access" in line and f'app="{app}"' in line and "stored" in cur:
+                m = re.search(r"duration_ms=([\d.]+)", line)
+                cur["done"] = ts(line)
+                cur["arrived"] = cur["done"] - float(m.group(1)) / 1000
+                rows.append(cur)
+                cur = None
+    stages = [("arrived", "decided", "request held at the router -> wake-up decided (0 -> 1)"),
+              ("decided", "start", "-> held heartbeat answered, agent starts the instance"),
+              ("start", "init", "-> sandbox init executed (prepare, cgroup, fork, cgroup join, unshare, exec)"),
+              ("init", "exec", "-> app executed (the init's chain: root, pid 1, user namespace, seccomp)"),
+              ("exec", "ready", "-> health probe passes"),
+              ("ready", "stored", "-> ready heartbeat stored by the control plane"),
+              ("stored", "done", "-> routes long-poll answered, request forwarded, answer back")]
+    out = []
+    for a, b, name in stages:
+        v = [(r[b] - r[a]) * 1000 for r in rows if a in r and b in r]
+        if v:
+            out.append({"stage": name, "median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)})
+    return {"samples": len(rows), "stages": out}
 
 
 def bench_scaleup(dev, tmp, results):
@@ -457,12 +559,20 @@ def main():
 def summary(r):
     lines = []
     if "router" in r:
-        lines += ["Router overhead (medians of 3 rounds, " + r["router"]["wrk"] + "):", "",
-                  "| path | req/s | p50 ms | p95 ms | p99 ms | req/s vs nginx | p99 vs nginx |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"Router overhead (medians of {ROUNDS} rounds, " + r["router"]["wrk"] + "):", "",
+                  "| path | req/s | p50 ms | p95 ms | p99 ms | req/s vs nginx | p99 vs nginx "
+                  "| proxy CPU µs/req | forwarder (stead dev) CPU µs/req |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, s in r["router"]["summary"].items():
             lines.append(f"| {name} | {s['rps']:.0f} | {s['p50_ms']:.3f} | {s['p95_ms']:.3f} | "
-                         f"{s['p99_ms']:.3f} | {s['rps_vs_nginx']:.2f} | {s['p99_vs_nginx']:.2f} |")
+                         f"{s['p99_ms']:.3f} | {s['rps_vs_nginx']:.2f} | {s['p99_vs_nginx']:.2f} "
+                         f"| {s['proxy_cpu_us_per_req']:.1f} | {s['dev_cpu_us_per_req']:.1f} |")
+        st = r["router"]["summary"]["stead"]
+        lines += ["", "stead/nginx per round: req/s " + " ".join(f"{x:.2f}" for x in st["round_rps_vs_nginx"])
+                  + f" (median {st['median_round_rps_vs_nginx']:.2f}); p99 "
+                  + " ".join(f"{x:.2f}" for x in st["round_p99_vs_nginx"])
+                  + f" (median {st['median_round_p99_vs_nginx']:.2f}); load "
+                  + " ".join(f"{d['load']:.1f}" for d in st["runs"])]
         lines.append("")
     if "coldstart" in r:
         c = r["coldstart"]
@@ -472,7 +582,16 @@ def summary(r):
                   f"| binary spawned directly | {c['direct']['median_ms']:.1f} | "
                   f"{c['direct']['p95_ms']:.1f} | {c['direct']['p99_ms']:.1f} |",
                   f"| added by the platform | {c['added_median_ms']:.1f} | {c['added_p95_ms']:.1f} | |",
-                  ""]
+                  "",
+                  f"(pairwise median of platform - direct: {c['added_pairwise_median_ms']:.1f} ms; "
+                  f"load {c['load']['min']:.2f}-{c['load']['max']:.2f})", ""]
+        if "breakdown" in c:
+            b = c["breakdown"]
+            lines += [f"Where the time went ({b['samples']} traced cold starts, ms):", "",
+                      "| stage | median | min | max |", "|---|---|---|---|"]
+            lines += [f"| {x['stage']} | {x['median_ms']:.1f} | {x['min_ms']:.1f} | {x['max_ms']:.1f} |"
+                      for x in b["stages"]]
+            lines.append("")
     if "scaleup" in r:
         s = r["scaleup"]
         lines += [f"Scale-up reaction: median {s['median_ms']:.0f} ms, max {s['max_ms']:.0f} ms "

@@ -224,6 +224,7 @@ async fn launch(
     spec: &IntendedApp,
     started_at: i64,
 ) -> Result<(), String> {
+    let t0 = std::time::Instant::now();
     let app_dir =
         crate::build::ensure_artifact(shared, &spec.app, spec.version, &spec.artifact_hash)
             .await
@@ -286,11 +287,13 @@ async fn launch(
         }),
         backend: choice.0,
     };
+    let prepared_us = t0.elapsed().as_micros() as u64;
     let process = shared
         .sandbox
         .spawn(sandbox_spec)
         .await
         .map_err(|e| format!("could not start the sandbox: {e}"))?;
+    let spawned_us = t0.elapsed().as_micros() as u64;
     let record = Record {
         id: id.to_string(),
         app: spec.app.clone(),
@@ -305,6 +308,9 @@ async fn launch(
     };
     write_record(&dir, &record).map_err(|e| format!("recording the instance: {e}"))?;
     attach(shared, record, process).await;
+    // Where a cold start's time goes (µs since the start began).
+    tracing::debug!(instance = %id, prepared_us, spawned_us,
+        attached_us = t0.elapsed().as_micros() as u64, "instance launched");
     Ok(())
 }
 

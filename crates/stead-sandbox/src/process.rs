@@ -327,6 +327,7 @@ impl ProcessSandbox {
                 }
             }
         }
+        let data_dir_us = started.elapsed().as_micros() as u64;
         let mut env = spec.full_env();
         let confine = spec.confine.as_ref().map(|c| {
             let host_id = c.host_id(&id);
@@ -383,9 +384,11 @@ impl ProcessSandbox {
         let stdout = open_output(&id, &spec.stdout, "opening the stdout file")?;
         let stderr = open_output(&id, &spec.stderr, "opening the stderr file")?;
 
+        let planned_us = started.elapsed().as_micros() as u64;
         let cgroup = self
             .cgroups
             .create(&id, memory_bytes, spec.pids_max, spec.cpu_millis)?;
+        let cgroup_us = started.elapsed().as_micros() as u64;
         let io = StartIo {
             config_fd,
             status_r,
@@ -396,9 +399,14 @@ impl ProcessSandbox {
         };
         match self.start(&spec, &cgroup, io).await {
             Ok(p) => {
+                // The stages, in µs since the start was asked for: where a
+                // cold start's time goes.
                 tracing::debug!(
                     sandbox = %id,
                     pid = p.pid,
+                    data_dir_us,
+                    planned_us,
+                    cgroup_us,
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "sandbox started"
                 );
@@ -456,7 +464,16 @@ impl ProcessSandbox {
         unsafe {
             cmd.pre_exec(move || child_setup(&join_fds, flags, &keep));
         }
+        let forked = Instant::now();
         let spawned = cmd.spawn();
+        // `spawn` returns once the init is executed, i.e. after the child
+        // joined the sandbox's cgroups (see `child_setup`): on cgroup v1 the
+        // first join after a quiet spell waits for an RCU grace period.
+        tracing::debug!(
+            sandbox = id,
+            us = forked.elapsed().as_micros() as u64,
+            "init executed (cgroups joined, namespaces unshared)"
+        );
         // Close our copies: the status pipe reaches EOF only when every
         // write end is closed.
         drop(cmd);
