@@ -6,7 +6,7 @@
 //! packed as an artifact and stored by the control plane, so any host can
 //! fetch and unpack it to the same place.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +39,131 @@ pub enum BuildError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
     let what = what.into();
     move |source| BuildError::Io { what, source }
+}
+
+/// Where this host keeps an app's `[build] cache` folders between builds.
+fn build_cache_dir(shared: &Shared, app: &str) -> PathBuf {
+    shared.config.data_dir.join("cache").join("build").join(app)
+}
+
+/// Copies a cached folder into the build folder before the build (only
+/// when the bundle does not bring that folder itself). A cache is only an
+/// optimisation: any failure is logged and the build goes on without it.
+async fn restore_cache(
+    cache_root: &Path,
+    dir: &Path,
+    path: &str,
+    log: &mpsc::UnboundedSender<NewLogLine>,
+) {
+    if !stead_api::config::is_cache_path(path) {
+        return;
+    }
+    let (src, dst) = (cache_root.join(path), dir.join(path));
+    if !src.is_dir() || dst.exists() {
+        return;
+    }
+    if let Some(parent) = dst.parent() {
+        let _ = tokio::fs::create_dir_all(parent).await;
+    }
+    let started = std::time::Instant::now();
+    match copy_tree(&src, &dst).await {
+        Ok(()) => {
+            let _ = log.send(system_line(format!(
+                "restored build cache {path} ({} ms)",
+                started.elapsed().as_millis()
+            )));
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&dst).await;
+            let _ = log.send(system_line(format!(
+                "could not restore build cache {path}: {e}; building without it"
+            )));
+        }
+    }
+}
+
+/// Keeps a folder of a successful build for the app's next build: copied
+/// aside, then swapped in, so a crash mid-way leaves the old cache or the
+/// new one, never half of one.
+async fn save_cache(
+    cache_root: &Path,
+    dir: &Path,
+    path: &str,
+    log: &mpsc::UnboundedSender<NewLogLine>,
+) {
+    if !stead_api::config::is_cache_path(path) {
+        return;
+    }
+    let src = dir.join(path);
+    if !src.is_dir() {
+        return;
+    }
+    let dst = cache_root.join(path);
+    let Some(parent) = dst.parent() else { return };
+    if let Err(e) = tokio::fs::create_dir_all(parent).await {
+        let _ = log.send(system_line(format!(
+            "could not save build cache {path}: {e}"
+        )));
+        return;
+    }
+    let name = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let fresh = parent.join(format!(".{name}.new-{:08x}", rand::random::<u32>()));
+    let old = parent.join(format!(".{name}.old-{:08x}", rand::random::<u32>()));
+    let started = std::time::Instant::now();
+    let result = async {
+        copy_tree(&src, &fresh).await?;
+        if dst.exists() {
+            tokio::fs::rename(&dst, &old)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tokio::fs::rename(&fresh, &dst)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&old).await;
+    match result {
+        Ok(()) => {
+            let _ = log.send(system_line(format!(
+                "saved build cache {path} ({} ms)",
+                started.elapsed().as_millis()
+            )));
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&fresh).await;
+            let _ = log.send(system_line(format!(
+                "could not save build cache {path}: {e}"
+            )));
+        }
+    }
+}
+
+/// `cp -a` (with reflinks where the filesystem has them): keeps modes,
+/// times and symlinks as they are, which a build cache needs (cargo
+/// compares modification times).
+async fn copy_tree(src: &Path, dst: &Path) -> Result<(), String> {
+    let out = tokio::process::Command::new("cp")
+        .arg("-a")
+        .arg("--reflink=auto")
+        .arg(src)
+        .arg(dst)
+        .output()
+        .await
+        .map_err(|e| format!("running cp: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "cp {} {}: {}",
+            src.display(),
+            dst.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 pub(crate) fn version_dir(shared: &Shared, app: &str, version: u32) -> PathBuf {
@@ -261,6 +386,11 @@ async fn build(
     );
     env.insert("PIP_DISABLE_PIP_VERSION_CHECK".into(), "1".into());
 
+    let cache_root = build_cache_dir(shared, &task.app);
+    for path in &task.cache {
+        restore_cache(&cache_root, &dir, path, log).await;
+    }
+
     let setup = language_steps(task.language.as_deref(), &dir);
     if task.language.as_deref() == Some("python") {
         // Build and migration commands run with the virtualenv active, as
@@ -338,6 +468,10 @@ async fn build(
             }
             return Err(BuildError::Failed(msg));
         }
+    }
+
+    for path in &task.cache {
+        save_cache(&cache_root, &dir, path, log).await;
     }
 
     let _ = log.send(system_line("packing the build".into()));
@@ -484,6 +618,75 @@ fn language_steps(language: Option<&str>, dir: &std::path::Path) -> Vec<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lines(rx: &mut mpsc::UnboundedReceiver<NewLogLine>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            out.push(l.line);
+        }
+        out
+    }
+
+    /// A cached folder goes into the next build (times and modes kept, so
+    /// cargo trusts it), a build that brings the folder keeps its own, and
+    /// saving replaces the cache whole.
+    #[tokio::test]
+    async fn build_cache_is_restored_and_saved() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = root.path().join("cache");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // First build: nothing cached yet; its target is saved.
+        let v1 = root.path().join("v1");
+        std::fs::create_dir_all(v1.join("target/release")).unwrap();
+        std::fs::write(v1.join("target/release/app"), b"binary 1").unwrap();
+        restore_cache(&cache, &v1, "target", &tx).await;
+        assert!(lines(&mut rx).is_empty(), "nothing to restore");
+        save_cache(&cache, &v1, "target", &tx).await;
+        assert!(lines(&mut rx)[0].starts_with("saved build cache target"));
+        let mtime = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+        assert_eq!(
+            mtime(&cache.join("target/release/app")),
+            mtime(&v1.join("target/release/app")),
+            "modification times are kept"
+        );
+        // Second build: restored before it runs.
+        let v2 = root.path().join("v2");
+        std::fs::create_dir_all(&v2).unwrap();
+        restore_cache(&cache, &v2, "target", &tx).await;
+        assert!(lines(&mut rx)[0].starts_with("restored build cache target"));
+        assert_eq!(
+            std::fs::read(v2.join("target/release/app")).unwrap(),
+            b"binary 1"
+        );
+        // Its result replaces the cache, with nothing of the old one left.
+        std::fs::remove_file(v2.join("target/release/app")).unwrap();
+        std::fs::write(v2.join("target/release/app2"), b"binary 2").unwrap();
+        save_cache(&cache, &v2, "target", &tx).await;
+        assert!(!cache.join("target/release/app").exists());
+        assert_eq!(
+            std::fs::read(cache.join("target/release/app2")).unwrap(),
+            b"binary 2"
+        );
+        let strays: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "target")
+            .collect();
+        assert!(strays.is_empty(), "no temporary folders left: {strays:?}");
+        assert!(lines(&mut rx)[0].starts_with("saved build cache target"));
+        // A bundle that brings the folder keeps its own.
+        let v3 = root.path().join("v3");
+        std::fs::create_dir_all(v3.join("target")).unwrap();
+        std::fs::write(v3.join("target/mine"), b"x").unwrap();
+        restore_cache(&cache, &v3, "target", &tx).await;
+        assert!(!v3.join("target/release").exists());
+        // Paths that leave the folders are ignored, whatever the config said.
+        restore_cache(&cache, &v3, "../v1", &tx).await;
+        save_cache(&cache, &v3, "../escape", &tx).await;
+        assert!(!root.path().join("escape").exists());
+        assert!(lines(&mut rx).is_empty());
+    }
 
     #[test]
     fn python_gets_a_virtualenv_with_its_requirements() {

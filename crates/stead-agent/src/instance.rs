@@ -66,6 +66,17 @@ pub(crate) struct Instance {
     pub health_timeout: Duration,
     /// When it first passed its health check.
     pub ready_since: Option<i64>,
+    /// Its app's `[dbos] recovery` lets this agent recover its workflows
+    /// through the replacement's admin endpoint when it dies (`auto`,
+    /// `admin`).
+    pub admin_recovery: bool,
+}
+
+/// Whether `[dbos] recovery` lets the agent recover a dead instance's
+/// workflows through the admin endpoint on its own (an older control plane
+/// sends no mode: `auto`).
+pub(crate) fn admin_recovery(run: &stead_api::RunSpec) -> bool {
+    matches!(run.recovery.as_deref(), None | Some("auto") | Some("admin"))
 }
 
 /// An instance ready for this long before it dies was not crash-looping.
@@ -144,6 +155,9 @@ async fn set_phase(shared: &Shared, id: &str, phase: Phase, exit: Option<String>
             if phase == Phase::Ready && i.ready_since.is_none() {
                 i.ready_since = Some(now_ms());
             }
+            if matches!(phase, Phase::Exited { .. }) && i.dbos_admin && i.admin_recovery {
+                crate::recovery::witness_death(shared, &i.app, i.version, &i.executor_id);
+            }
             i.phase = phase;
             if exit.is_some() {
                 i.exit = exit;
@@ -183,6 +197,7 @@ pub(crate) async fn start(shared: &Arc<Shared>, spec: IntendedApp, executor_id: 
                 dbos_admin: false,
                 ready_since: None,
                 health_timeout: Duration::from_secs(u64::from(spec.run.health_timeout_s)),
+                admin_recovery: admin_recovery(&spec.run),
             },
         );
     }
@@ -515,6 +530,11 @@ async fn probe(process: &SandboxProcess, port: u16, health: Option<&str>) -> boo
     )
 }
 
+/// Whether the DBOS admin server of the instance answers its health check.
+pub(crate) async fn probe_admin(process: &SandboxProcess, port: u16) -> bool {
+    probe(process, port, Some("/dbos-healthz")).await
+}
+
 async fn health_loop(shared: Arc<Shared>, process: Arc<SandboxProcess>, record: Record) {
     let health = record.run.health.clone();
     // Fast polling until the first success: a request waiting for a cold
@@ -523,6 +543,22 @@ async fn health_loop(shared: Arc<Shared>, process: Arc<SandboxProcess>, record: 
     let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(5);
     loop {
+        // A dead instance of this version left workflows to recover through
+        // the admin endpoint: do it the moment this one's admin server
+        // answers, before its app is ready and before its queue first polls.
+        if let Some(admin) = record.run.admin_port {
+            if crate::recovery::witnessed(&shared, &record.app, record.version) {
+                crate::recovery::try_local(
+                    &shared,
+                    &record.id,
+                    &record.app,
+                    record.version,
+                    &process,
+                    admin,
+                )
+                .await;
+            }
+        }
         if probe(&process, record.port, health.as_deref()).await {
             tracing::info!(app = %record.app, version = record.version, instance = %record.id, host = %shared.config.name,
                 probing_ms = started.elapsed().as_secs_f64() * 1000.0, "instance ready");
@@ -671,6 +707,7 @@ pub(crate) async fn adopt_all(shared: &Arc<Shared>) {
                         dbos_admin: false,
                         ready_since: None,
                         health_timeout: Duration::from_secs(u64::from(record.run.health_timeout_s)),
+                        admin_recovery: admin_recovery(&record.run),
                     },
                 );
                 attach(shared, record, process).await;
@@ -698,6 +735,7 @@ pub(crate) async fn adopt_all(shared: &Arc<Shared>) {
                         dbos_admin: false,
                         ready_since: None,
                         health_timeout: Duration::from_secs(u64::from(record.run.health_timeout_s)),
+                        admin_recovery: admin_recovery(&record.run),
                     },
                 );
             }

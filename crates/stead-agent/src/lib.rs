@@ -145,6 +145,9 @@ pub(crate) struct Shared {
     /// Admin-endpoint recoveries under way, so one order is carried out
     /// once even though every heartbeat repeats it until it is reported.
     pub recovering: Mutex<std::collections::HashSet<String>>,
+    /// Deaths of admin-server instances seen here, awaiting recovery
+    /// through a live instance of the same version (see `recovery`).
+    pub witnessed: std::sync::Mutex<Vec<recovery::Witnessed>>,
     /// Measurements, counters and heartbeat acknowledgements.
     pub(crate) telemetry: metrics::Telemetry,
 }
@@ -223,6 +226,7 @@ pub async fn run(
         wake: Notify::new(),
         history: Mutex::new(ExitHistory::default()),
         recovering: Mutex::new(std::collections::HashSet::new()),
+        witnessed: std::sync::Mutex::new(Vec::new()),
         telemetry: metrics::Telemetry::default(),
         config,
     });
@@ -291,15 +295,29 @@ async fn resolve_loop(shared: Arc<Shared>) {
     // this host within milliseconds, not at the next poll.
     let mut etag: Option<String> = None;
     let poll_ms = u64::try_from(shared.config.poll_interval.as_millis()).unwrap_or(1000);
+    // What the control plane last acknowledged of this host (each instance's
+    // state): a heartbeat that reports something new is not held, so that
+    // the decision that follows (replacing an instance that just died) is
+    // made at once rather than when the hold ends.
+    let mut acknowledged: Option<Vec<(String, stead_api::InstanceState)>> = None;
     loop {
         let seq = shared.telemetry.next_observation();
         let observed = instance::observe(&shared).await;
+        let summary: Vec<(String, stead_api::InstanceState)> = observed
+            .iter()
+            .map(|(_, o)| (o.id.clone(), o.state))
+            .collect();
+        let news = acknowledged.as_ref() != Some(&summary);
         let (cpu_millis, cpu_period_ms) = metrics::sample_cpu(&shared).await;
         let req = HeartbeatRequest {
             host_id: shared.host_id.clone(),
             session: shared.session.clone(),
             instances: observed.iter().map(|(_, o)| o.clone()).collect(),
-            wait_ms: if intended.is_some() { poll_ms } else { 0 },
+            wait_ms: if intended.is_some() && !news {
+                poll_ms
+            } else {
+                0
+            },
             known: etag.clone(),
             cpu_millis,
             cpu_period_ms,
@@ -320,6 +338,7 @@ async fn resolve_loop(shared: Arc<Shared>) {
         match reply {
             Ok(resp) => {
                 shared.telemetry.heartbeat_ok(seq, sent.elapsed());
+                acknowledged = Some(summary);
                 let held = sent.elapsed() >= shared.config.poll_interval / 2;
                 again = resp.etag.is_some() && (held || resp.etag != etag);
                 etag = resp.etag;

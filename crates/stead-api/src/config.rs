@@ -77,6 +77,12 @@ pub struct AppConfig {
     /// (never to the platform, the host or other apps). Off by default.
     #[serde(default)]
     pub egress: bool,
+    /// `[build] cache`: folders of the app (relative paths, e.g. `target`)
+    /// that a host keeps from one build of the app to the next and puts
+    /// back before building, like a CI cache, so that a Rust app's second
+    /// deploy recompiles only what changed.
+    #[serde(default)]
+    pub build_cache: Vec<String>,
 }
 
 /// Sandbox backends an app may ask for (`[run] sandbox`).
@@ -120,6 +126,8 @@ struct BuildSection {
     #[serde(default)]
     commands: Vec<String>,
     language: Option<String>,
+    #[serde(default)]
+    cache: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -304,6 +312,7 @@ impl AppConfig {
                 })?,
             sandbox: raw.run.sandbox,
             egress: raw.run.egress.unwrap_or(false),
+            build_cache: raw.build.cache,
         };
         cfg.validate(STEAD_TOML)?;
         Ok(cfg)
@@ -356,6 +365,7 @@ impl AppConfig {
             scaling: ScalingConfig::default(),
             sandbox: None,
             egress: false,
+            build_cache: Vec::new(),
         };
         cfg.validate(DBOS_CONFIG)?;
         Ok(cfg)
@@ -428,6 +438,20 @@ impl AppConfig {
                 self.grace_s
             )));
         }
+        if self.build_cache.len() > 8 {
+            return Err(invalid(format!(
+                "`build.cache` lists {} folders; at most 8 are kept",
+                self.build_cache.len()
+            )));
+        }
+        for c in &self.build_cache {
+            if !is_cache_path(c) {
+                return Err(invalid(format!(
+                    "`build.cache` entry {c:?} is not a folder inside the app: use a relative path \
+                     without `..`, such as \"target\""
+                )));
+            }
+        }
         for c in self.build.iter().chain(self.migrate.iter()) {
             if c.trim().is_empty() {
                 return Err(invalid(
@@ -437,6 +461,19 @@ impl AppConfig {
         }
         Ok(())
     }
+}
+
+/// A `[build] cache` entry: a relative path of plain components inside the
+/// app folder (no `..`, `.`, empty or absolute parts, no NUL), at most 200
+/// bytes, so that the agent can join it to the build folder and to its
+/// cache folder without leaving either.
+pub fn is_cache_path(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 200
+        && !p.starts_with('/')
+        && !p.contains('\0')
+        && !p.contains('\\')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
@@ -504,6 +541,28 @@ migrate = ["python3 migrate.py"]
         v.as_object_mut().unwrap().remove("egress");
         let back: AppConfig = serde_json::from_value(v).unwrap();
         assert_eq!((back.sandbox, back.egress), (None, false));
+    }
+
+    #[test]
+    fn build_cache_folders_are_read_and_checked() {
+        let c = AppConfig::from_stead_toml(
+            "name = \"abc\"\n[build]\ncache = [\"target\", \"web/.cache\"]\n[run]\nstart = \"x\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.build_cache, vec!["target", "web/.cache"]);
+        for bad in ["../up", "/abs", "a/../b", "", "./x", "a//b", "a\\\\b"] {
+            let e = AppConfig::from_stead_toml(&format!(
+                "name = \"abc\"\n[build]\ncache = [{bad:?}]\n[run]\nstart = \"x\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("build.cache"), "{bad:?}: {e}");
+        }
+        // Configs stored before the field existed still load.
+        let mut v = serde_json::to_value(&c).unwrap();
+        v.as_object_mut().unwrap().remove("build_cache");
+        let back: AppConfig = serde_json::from_value(v).unwrap();
+        assert!(back.build_cache.is_empty());
     }
 
     /// The README's documented stead.toml must stay valid.

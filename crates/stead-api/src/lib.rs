@@ -66,6 +66,13 @@ pub struct ServerInfo {
     /// Domain under which apps are served as `<app>.<domain>`.
     pub domain: String,
     pub database: String,
+    /// This control-plane replica's name.
+    #[serde(default)]
+    pub replica: String,
+    /// The replica that runs the durable-execution loop (recovery, sweep,
+    /// drain readings, rollouts) now, if any holds its lease.
+    #[serde(default)]
+    pub durable_execution_replica: Option<String>,
 }
 
 // ---------------------------------------------------------------- apps
@@ -534,6 +541,12 @@ pub struct RunSpec {
     /// DBOS admin port to probe (`/dbos-healthz`), if any.
     #[serde(default)]
     pub admin_port: Option<u16>,
+    /// `[dbos] recovery` (`auto`, `admin`, `database`, `executor-id`,
+    /// `none`): with `auto` or `admin`, an agent that sees an instance
+    /// running the admin server die recovers its workflows through the
+    /// replacement's admin endpoint as soon as that answers.
+    #[serde(default)]
+    pub recovery: Option<String>,
 }
 
 fn default_health_timeout() -> u32 {
@@ -569,6 +582,9 @@ pub struct BuildTask {
     pub attempt: u32,
     #[serde(default)]
     pub language: Option<String>,
+    /// `[build] cache`: folders kept between builds of the app on a host.
+    #[serde(default)]
+    pub cache: Vec<String>,
 }
 
 /// Sent by an agent after it recovered workflows of dead executors.

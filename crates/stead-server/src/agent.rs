@@ -139,6 +139,7 @@ fn run_spec(config: &stead_api::AppConfig) -> RunSpec {
         language: config.language.clone(),
         health_timeout_s: config.health_timeout_s,
         admin_port: Some(config.admin_port),
+        recovery: Some(config.recovery.clone()),
     }
 }
 
@@ -307,10 +308,15 @@ async fn intended_for_host(
                 .filter(|i| i.version == version && i.state != stead_api::InstanceState::Exited)
                 .count();
             // Keep what runs; with nothing left anywhere, the first host
-            // starts one so the version's work can finish.
+            // starts one so the version's work can finish (only when a
+            // reading shows work: see `Plan::start`).
             let here = mine(version).len() as u32;
             let first = eligible(alive, host_id, v.config.sandbox.as_deref()).1 == Some(0);
-            let count = if live_anywhere == 0 && first { 1 } else { here };
+            let count = if live_anywhere == 0 && first && plan.start.contains(&version) {
+                1
+            } else {
+                here
+            };
             if count == 0 {
                 continue;
             }
@@ -474,6 +480,7 @@ pub(crate) async fn claim(
             lease_expires_at_ms: t.lease_expires_at_ms,
             attempt: t.attempt,
             language: t.config.language.clone(),
+            cache: t.config.build_cache.clone(),
         }),
     }))
 }

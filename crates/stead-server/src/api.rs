@@ -86,6 +86,14 @@ pub(crate) async fn info(State(state): State<AppState>, _auth: AnyAuth) -> Json<
             stead_store::Backend::Sqlite => "sqlite".into(),
             stead_store::Backend::Postgres => "postgres".into(),
         },
+        replica: state.replica.to_string(),
+        durable_execution_replica: state
+            .store
+            .lease_holder(crate::dbos::LEASE)
+            .await
+            .ok()
+            .flatten()
+            .map(|(holder, _)| holder),
     })
 }
 

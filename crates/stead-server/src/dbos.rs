@@ -22,7 +22,7 @@
 //! store and the system databases on each pass, so any replica can run it
 //! and a crash mid-pass only repeats idempotent work.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -231,14 +231,16 @@ impl Pools {
     }
 }
 
-/// The recovery mode for one version: the override from its config, else
-/// `admin` when its ready instances run the DBOS admin server, else
-/// `database`. Taking over an identity (`executor-id`) only makes sense for
-/// the replacement of a recent death (`died_at_ms`); older or swept dead
-/// executors are re-enqueued instead.
+/// The recovery mode for one dead executor: the override from its
+/// version's config, else `admin` when it ran the DBOS admin server (or a
+/// ready instance of its version does), else `database`. Taking over an
+/// identity (`executor-id`) only makes sense for the replacement of a
+/// recent death (`died_at_ms`); older or swept dead executors are
+/// re-enqueued instead.
 fn mode_for(
     configured: &str,
     instances: &[&InstanceInfo],
+    dead_ran_admin: bool,
     died_at_ms: i64,
     now_ms: i64,
 ) -> &'static str {
@@ -248,9 +250,10 @@ fn mode_for(
         "executor-id" if now_ms - died_at_ms > TAKEOVER_WINDOW_MS => "database",
         "executor-id" => "executor-id",
         "none" => "none",
-        _ if instances
-            .iter()
-            .any(|i| i.state == InstanceState::Ready && i.dbos_admin) =>
+        _ if dead_ran_admin
+            || instances
+                .iter()
+                .any(|i| i.state == InstanceState::Ready && i.dbos_admin) =>
         {
             "admin"
         }
@@ -269,6 +272,13 @@ pub(crate) struct Plan {
     pub admin: BTreeMap<u32, Vec<String>>,
     /// Dead executors to take over by identity, by version.
     pub reuse: BTreeMap<u32, Vec<String>>,
+    /// Draining versions that may get a new instance when none is left
+    /// anywhere: those the latest reading of the system database shows
+    /// owning PENDING or ENQUEUED work. Only a reading can say so: a dead
+    /// executor alone is no reason (the instance of a drained version that
+    /// was just stopped is one, and starting its version again for it is
+    /// how old versions would loop through start, drain, stop).
+    pub start: BTreeSet<u32>,
 }
 
 /// Versions of an app that must keep running to finish their work, and
@@ -309,6 +319,9 @@ pub(crate) fn plan(
         } || dead.iter().any(|d| d.version == v);
         if keep {
             p.draining.insert(v, ());
+            if w.is_some_and(|w| w.pending + w.enqueued > 0) {
+                p.start.insert(v);
+            }
         }
     }
     for d in dead {
@@ -319,6 +332,7 @@ pub(crate) fn plan(
         let mode = mode_for(
             modes.get(&d.version).map(String::as_str).unwrap_or("auto"),
             &by_version,
+            d.admin,
             d.ended_at_ms,
             now_ms,
         );
@@ -339,10 +353,22 @@ pub(crate) fn plan(
     p
 }
 
+/// The lease under which one replica at a time runs [`run_loop`]'s passes.
+pub(crate) const LEASE: &str = "durable-execution";
+
+/// How long the lease lasts without renewal: how soon another replica takes
+/// the loop over when its holder dies. Each pass renews it.
+const LEASE_TTL: Duration = Duration::from_secs(5);
+
 /// The background loop: version work, database recovery, sweep, rollouts.
+/// Every replica runs it, but only the holder of [`LEASE`] does the passes
+/// (everything they do is idempotent, so an overlap at a hand-over only
+/// repeats harmless work; the lease keeps the system databases from being
+/// read by every replica every half second).
 pub(crate) async fn run_loop(state: AppState, pools: std::sync::Arc<Pools>) {
     let mut orphans: HashMap<(i64, String), Instant> = HashMap::new();
     let mut last_sweep = Instant::now() - Duration::from_secs(60);
+    let mut holding = false;
     loop {
         if state
             .shutting_down
@@ -350,16 +376,44 @@ pub(crate) async fn run_loop(state: AppState, pools: std::sync::Arc<Pools>) {
         {
             return;
         }
+        match state
+            .store
+            .acquire_lease(LEASE, &state.replica, LEASE_TTL)
+            .await
+        {
+            Ok(held) => {
+                if held != holding {
+                    tracing::info!(replica = %state.replica, held, "durable-execution lease {}", if held { "taken" } else { "lost" });
+                    holding = held;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the durable-execution lease; retrying");
+                holding = false;
+            }
+        }
+        if !holding {
+            // Another replica does the passes; check again before its lease
+            // could have expired.
+            tokio::time::sleep(LEASE_TTL / 3).await;
+            continue;
+        }
         let sweep = last_sweep.elapsed() >= Duration::from_secs(5);
         if sweep {
             last_sweep = Instant::now();
         }
+        // Registered before the pass, so that a change made while the pass
+        // runs (a heartbeat reporting a death) starts the next pass at once
+        // instead of being missed until the timer.
+        let changed = state.changes.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         if let Err(e) = pass(&state, &pools, sweep, &mut orphans).await {
             tracing::warn!(error = %e, "durable-execution pass failed; retrying");
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = state.changes.notified() => {}
+            _ = changed => {}
         }
     }
 }
@@ -416,71 +470,8 @@ async fn app_pass(
             }
         }
     }
-    // Recovery through the system database.
-    let alive_cutoff = stead_store::now_ms() - state.config.host_timeout.as_millis() as i64;
-    let mut by_version: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for d in &dead {
-        by_version
-            .entry(d.version)
-            .or_default()
-            .push(d.executor_id.clone());
-    }
-    for (version, executors) in by_version {
-        let live: Vec<&InstanceInfo> = instances
-            .iter()
-            .filter(|i| i.version == version && i.host_heartbeat_ms >= alive_cutoff)
-            .collect();
-        let configured = version_recovery(state, app.id, version).await?;
-        let last_death = dead
-            .iter()
-            .filter(|d| d.version == version)
-            .map(|d| d.ended_at_ms)
-            .max()
-            .unwrap_or(0);
-        let mode = mode_for(&configured, &live, last_death, stead_store::now_ms());
-        let ready = live.iter().find(|i| i.state == InstanceState::Ready);
-        match (mode, ready) {
-            ("database", Some(ready)) => {
-                let workflows = db
-                    .reenqueue(&executors, &version.to_string())
-                    .await
-                    .map_err(|e| {
-                        ApiError::unavailable(format!(
-                            "re-enqueueing the workflows of {} failed: {e}",
-                            executors.join(", ")
-                        ))
-                    })?;
-                let n = state
-                    .store
-                    .mark_recovered(
-                        app.id,
-                        version,
-                        &executors,
-                        &workflows,
-                        "database",
-                        &format!("control plane, for instance {}", ready.id),
-                    )
-                    .await?;
-                if n > 0 {
-                    tracing::info!(app = %app.name, version, executors = ?executors, workflows = workflows.len(), "recovered workflows of dead executors");
-                    state.changed();
-                }
-            }
-            ("none", _) => {
-                state
-                    .store
-                    .mark_recovered(
-                        app.id,
-                        version,
-                        &executors,
-                        &[],
-                        "none",
-                        "recovery disabled in stead.toml",
-                    )
-                    .await?;
-            }
-            _ => {}
-        }
+    if !dead.is_empty() {
+        recover_dead(state, app, &db, &instances, &dead).await?;
     }
     if sweep {
         let known: HashMap<String, bool> = state
@@ -515,6 +506,116 @@ async fn app_pass(
             }
             Err(e) => {
                 tracing::debug!(app = %app.name, error = %e, "sweep could not read the system database")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Recovery of an app's dead executors, on the control plane's side.
+///
+/// First, a dead executor that owns no PENDING workflow needs nothing: it
+/// is marked recovered at once (no event: nothing was recovered), so that
+/// the death of an idle or drained instance neither holds its version up
+/// nor has it started again. Then, for the `database` trigger, the dead
+/// executor's PENDING workflows are re-enqueued now, at the death, without
+/// waiting for a replacement to be ready: ENQUEUED work of a version waits
+/// in the system database for any executor of that version, so the
+/// replacement claims it on its queue's first poll, as the library does
+/// with its own work after a restart (and a version that is no longer
+/// active gets an instance started because the reading shows work). The
+/// `admin` and `executor-id` triggers are carried out by agents (see
+/// [`plan`]); `none` only records the death.
+async fn recover_dead(
+    state: &AppState,
+    app: &stead_store::AppRecord,
+    db: &SystemDb,
+    instances: &[InstanceInfo],
+    dead: &[stead_store::DeadExecutor],
+) -> Result<(), ApiError> {
+    let owners = match db.pending_executors().await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::debug!(app = %app.name, error = %e, "cannot read who owns PENDING work; recovery waits");
+            return Ok(());
+        }
+    };
+    let owns = |executor: &str| {
+        owners
+            .iter()
+            .any(|(e, _, n)| e.as_str() == executor && *n > 0)
+    };
+    let mut by_version: BTreeMap<u32, Vec<&stead_store::DeadExecutor>> = BTreeMap::new();
+    for d in dead {
+        by_version.entry(d.version).or_default().push(d);
+    }
+    let now = stead_store::now_ms();
+    let alive_cutoff = now - state.config.host_timeout.as_millis() as i64;
+    for (version, executors) in by_version {
+        let (busy, idle): (Vec<_>, Vec<_>) =
+            executors.into_iter().partition(|d| owns(&d.executor_id));
+        if !idle.is_empty() {
+            let ids: Vec<String> = idle.iter().map(|d| d.executor_id.clone()).collect();
+            state
+                .store
+                .mark_recovered(app.id, version, &ids, &[], "nothing", "no PENDING workflow")
+                .await?;
+            tracing::debug!(app = %app.name, version, executors = ?ids, "dead executors owned no PENDING workflow");
+            state.changed();
+        }
+        if busy.is_empty() {
+            continue;
+        }
+        let live: Vec<&InstanceInfo> = instances
+            .iter()
+            .filter(|i| {
+                i.version == version
+                    && i.state != InstanceState::Exited
+                    && i.host_heartbeat_ms >= alive_cutoff
+            })
+            .collect();
+        let configured = version_recovery(state, app.id, version).await?;
+        for d in busy {
+            let ids = vec![d.executor_id.clone()];
+            match mode_for(&configured, &live, d.admin, d.ended_at_ms, now) {
+                "database" => {
+                    let workflows = db
+                        .reenqueue(&ids, &version.to_string())
+                        .await
+                        .map_err(|e| {
+                            ApiError::unavailable(format!(
+                                "re-enqueueing the workflows of executor {} (app {}, version {version}) failed: {e}",
+                                d.executor_id, app.name
+                            ))
+                        })?;
+                    let by = match live.first() {
+                        Some(i) => format!("control plane; live instance {} of the version", i.id),
+                        None => "control plane; an instance of the version is started to run them"
+                            .to_string(),
+                    };
+                    let n = state
+                        .store
+                        .mark_recovered(app.id, version, &ids, &workflows, "database", &by)
+                        .await?;
+                    if n > 0 {
+                        tracing::info!(app = %app.name, version, executor = %d.executor_id, workflows = workflows.len(), "re-enqueued the workflows of a dead executor");
+                        state.changed();
+                    }
+                }
+                "none" => {
+                    state
+                        .store
+                        .mark_recovered(
+                            app.id,
+                            version,
+                            &ids,
+                            &[],
+                            "none",
+                            "recovery disabled in stead.toml",
+                        )
+                        .await?;
+                }
+                _ => {}
             }
         }
     }
@@ -680,6 +781,7 @@ mod tests {
             version,
             ended_at_ms: 0,
             reason: String::new(),
+            admin: false,
         }
     }
 
@@ -753,8 +855,72 @@ mod tests {
         );
         assert!(
             p.draining.contains_key(&1),
-            "a dead executor's version must get an instance to recover onto"
+            "a dead executor's version is kept while its work is unknown"
         );
+        assert!(
+            !p.start.contains(&1),
+            "but a death alone does not start the version again"
+        );
+        let p = plan(
+            Some(2),
+            None,
+            &[],
+            &[work(1, 0, 99_000)],
+            &[],
+            &HashMap::new(),
+            100_000,
+        );
+        assert!(p.start.is_empty() && p.draining.is_empty());
+    }
+
+    /// The loop the rollout e2e found: an old version's instance is stopped
+    /// once a fresh reading says the version has no work; its executor is
+    /// then dead (not yet marked recovered). That must not get the version
+    /// started again; only a reading that shows work does.
+    #[test]
+    fn a_stopped_drained_version_is_not_started_again_for_its_dead_executor() {
+        let stopped = vec![inst("old", 1, InstanceState::Exited, false)];
+        let none = HashMap::new();
+        let p = plan(
+            Some(2),
+            None,
+            &stopped,
+            &[work(1, 0, 99_000)],
+            &[dead("old", 1)],
+            &none,
+            100_000,
+        );
+        assert!(!p.start.contains(&1), "{p:?}");
+        // The dead executor did own work (the reading after its death says
+        // so, e.g. it was killed mid-workflow): start one to recover onto.
+        let p = plan(
+            Some(2),
+            None,
+            &stopped,
+            &[work(1, 1, 99_000)],
+            &[dead("old", 1)],
+            &none,
+            100_000,
+        );
+        assert!(p.start.contains(&1) && p.draining.contains_key(&1));
+        // Re-enqueued work counts as work too.
+        let mut w = work(1, 0, 99_000);
+        w.enqueued = 2;
+        let p = plan(Some(2), None, &[], &[w], &[], &none, 100_000);
+        assert!(p.start.contains(&1));
+    }
+
+    #[test]
+    fn an_executor_that_ran_the_admin_server_is_recovered_through_it() {
+        let mut d = dead("d1", 2);
+        d.admin = true;
+        // No ready instance yet (the replacement is starting): still admin,
+        // so the control plane does not re-enqueue it itself.
+        let p = plan(Some(2), None, &[], &[], &[d.clone()], &HashMap::new(), 0);
+        assert_eq!(p.admin.get(&2), Some(&vec!["d1".to_string()]));
+        assert_eq!(mode_for("auto", &[], true, 0, 0), "admin");
+        assert_eq!(mode_for("auto", &[], false, 0, 0), "database");
+        assert_eq!(mode_for("database", &[], true, 0, 0), "database");
     }
 
     #[test]

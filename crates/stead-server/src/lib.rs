@@ -12,6 +12,7 @@ mod dbos;
 mod error;
 mod metrics;
 mod openapi;
+mod peers;
 pub mod placement;
 mod scaling;
 mod workflows;
@@ -43,6 +44,9 @@ pub struct ServerConfig {
     /// 0600, created if missing) unless `secret_key` is given.
     pub data_dir: PathBuf,
     pub secret_key: Option<[u8; 32]>,
+    /// Where the secret key is kept when `secret_key` is not given; default
+    /// `data_dir/secret.key`. Every replica on one database needs the same.
+    pub secret_key_file: Option<PathBuf>,
     /// Base URL of a router in front of the apps, when known.
     pub router_url: Option<String>,
     /// Apps are served as `<app>.<domain>`.
@@ -66,6 +70,7 @@ impl ServerConfig {
             listen,
             data_dir: data_dir.clone(),
             secret_key: None,
+            secret_key_file: None,
             router_url: None,
             domain: "localhost".to_string(),
             host_timeout: Duration::from_secs(30),
@@ -112,6 +117,12 @@ pub(crate) struct AppState {
     pub shutting_down: Arc<AtomicBool>,
     /// Open app system databases (a cache; nothing in it matters).
     pub pools: Arc<dbos::Pools>,
+    /// This replica's name in leases and change notifications.
+    pub replica: Arc<str>,
+    /// Tells the other replicas (PostgreSQL NOTIFY) that something
+    /// changed, so their long-polls wake too; `None` on SQLite (one
+    /// replica).
+    pub peers: Option<tokio::sync::mpsc::Sender<()>>,
     /// Unplaced instances last reported per app version, so that the
     /// event and warning are written when the shortfall changes, not on
     /// every heartbeat (a cache: a new replica reports once more).
@@ -121,6 +132,10 @@ pub(crate) struct AppState {
 impl AppState {
     pub fn changed(&self) {
         self.changes.notify_waiters();
+        if let Some(peers) = &self.peers {
+            // Full means a notification is already pending: coalesced.
+            let _ = peers.try_send(());
+        }
     }
     pub fn uploads_dir(&self) -> PathBuf {
         self.config.data_dir.join("uploads")
@@ -152,11 +167,17 @@ impl Server {
         })?;
         let key = match config.secret_key {
             Some(k) => k,
-            None => load_or_create_key(&data_dir.join("secret.key"))?,
+            None => load_or_create_key(
+                config
+                    .secret_key_file
+                    .as_deref()
+                    .unwrap_or(&data_dir.join("secret.key")),
+            )?,
         };
         let store = Store::connect(&config.database_url)
             .await?
             .with_secret_key(key);
+        store.check_secret_key().await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -176,6 +197,8 @@ impl Server {
                 changes: Arc::new(Notify::new()),
                 shutting_down: Arc::new(AtomicBool::new(false)),
                 pools: Arc::new(dbos::Pools::default()),
+                replica: format!("r-{:016x}", rand::random::<u64>()).into(),
+                peers: None,
                 unplaced: Arc::default(),
             },
             addr,
@@ -196,8 +219,15 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        let state = self.state.clone();
-        let router = router(self.state);
+        let mut state = self.state;
+        let mut peer_tasks = Vec::new();
+        if state.store.backend() == stead_store::Backend::Postgres {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            state.peers = Some(tx);
+            peer_tasks.push(tokio::spawn(peers::notify_loop(state.clone(), rx)));
+            peer_tasks.push(tokio::spawn(peers::listen_loop(state.clone())));
+        }
+        let router = router(state.clone());
         let flag = state.shutting_down.clone();
         let changes = state.changes.clone();
         let background = tokio::spawn(dbos::run_loop(state.clone(), state.pools.clone()));
@@ -210,6 +240,11 @@ impl Server {
             .await
             .map_err(ServerError::Serve)?;
         background.abort();
+        for t in peer_tasks {
+            t.abort();
+        }
+        // Let another replica take the singleton work over at once.
+        let _ = state.store.release_lease(dbos::LEASE, &state.replica).await;
         Ok(())
     }
 }

@@ -32,6 +32,9 @@ pub struct DeadExecutor {
     pub version: u32,
     pub ended_at_ms: i64,
     pub reason: String,
+    /// Its instance ran the DBOS admin server: `auto` recovery goes
+    /// through that endpoint (of a live instance of the same version).
+    pub admin: bool,
 }
 
 /// Outstanding workflows of one version, as last read from the app's
@@ -137,7 +140,7 @@ impl Store {
     /// oldest death first.
     pub async fn dead_executors(&self, app_id: i64) -> Result<Vec<DeadExecutor>> {
         let rows = sqlx::query(
-            "SELECT executor_id, app_id, version, ended_at, end_reason FROM executors \
+            "SELECT executor_id, app_id, version, ended_at, end_reason, dbos_admin FROM executors \
              WHERE app_id = $1 AND ended_at IS NOT NULL AND recovered_at IS NULL ORDER BY ended_at",
         )
         .bind(app_id)
@@ -151,6 +154,7 @@ impl Store {
                     version: to_u32(get_i64(r, "version")?),
                     ended_at_ms: get_opt_i64(r, "ended_at")?.unwrap_or(0),
                     reason: get_opt_str(r, "end_reason")?.unwrap_or_default(),
+                    admin: get_i64(r, "dbos_admin")? != 0,
                 })
             })
             .collect()
@@ -246,8 +250,20 @@ impl Store {
                     marked.push(e.clone());
                 }
             }
-            // An executor that owned nothing is not worth an event.
-            if !marked.is_empty() && (!workflows.is_empty() || method == "executor-id") {
+            // An executor that owned nothing is not worth an event. Workflows
+            // re-enqueued are always one, even for an executor already marked
+            // (the control plane may have found it owning nothing PENDING
+            // because this very recovery had already re-enqueued its work):
+            // a repeated recovery re-enqueues nothing, so this records each
+            // real one once.
+            let recorded = if workflows.is_empty() {
+                marked.clone()
+            } else {
+                executor_ids.to_vec()
+            };
+            if (!workflows.is_empty() || (method == "executor-id" && !marked.is_empty()))
+                && !recorded.is_empty()
+            {
                 insert_event(
                     &mut tx,
                     app_id,
@@ -255,9 +271,9 @@ impl Store {
                     &format!(
                         "recovered {} workflow(s) of dead executor(s) {} of version {version} via {method} ({by})",
                         workflows.len(),
-                        marked.join(", ")
+                        recorded.join(", ")
                     ),
-                    serde_json::json!({"version": version, "executors": marked, "workflows": workflows,
+                    serde_json::json!({"version": version, "executors": recorded, "workflows": workflows,
                         "method": method, "by": by, "at": now}),
                 )
                 .await?;
@@ -570,6 +586,25 @@ pub(crate) async fn executor_seen(
         }
         Some(_) => {}
     }
+    Ok(())
+}
+
+/// Executor bookkeeping inside a heartbeat: the instance running it became
+/// ready, and whether it runs the DBOS admin server is now known.
+pub(crate) async fn executor_ready(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    executor_id: &str,
+    instance_id: &str,
+    admin: bool,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE executors SET dbos_admin = $1 WHERE executor_id = $2 AND instance_id = $3 AND dbos_admin <> $1",
+    )
+    .bind(i64::from(admin))
+    .bind(executor_id)
+    .bind(instance_id)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -327,6 +327,15 @@ impl Store {
             // conditional, so a steady state writes nothing.
             if inst.state == InstanceState::Ready {
                 promote_on_ready(&mut tx, app_id, inst.version).await?;
+                if before != Some("ready") {
+                    crate::dbos::executor_ready(
+                        &mut tx,
+                        &inst.executor_id,
+                        &inst.id,
+                        inst.dbos_admin,
+                    )
+                    .await?;
+                }
             }
             if inst.state == InstanceState::Exited && before != Some("exited") {
                 let why = inst.exit.clone().unwrap_or_else(|| "unknown reason".into());

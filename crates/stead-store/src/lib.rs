@@ -13,6 +13,7 @@ mod crypto;
 mod dbos;
 mod hosts;
 mod migrate;
+mod replicas;
 mod scale;
 mod tokens;
 
@@ -69,6 +70,8 @@ pub enum StoreError {
     Invalid(String),
     #[error("no secret key was given to the store, so secrets cannot be read or written")]
     NoSecretKey,
+    #[error("this database's secrets were encrypted with another secret key: start every control-plane replica with the same key (--secret-key-file, the first replica's secret.key)")]
+    KeyMismatch,
     #[error("could not decrypt secret {key:?}: the secret key is not the one it was written with")]
     Decrypt { key: String },
     #[error("corrupt row in {table}: {message}")]

@@ -9,6 +9,7 @@ const SQLITE: &[(i64, &str)] = &[
     (2, include_str!("../migrations/sqlite/0002_promotion.sql")),
     (3, include_str!("../migrations/sqlite/0003_dbos.sql")),
     (4, include_str!("../migrations/sqlite/0004_scale.sql")),
+    (5, include_str!("../migrations/sqlite/0005_replicas.sql")),
     (6, include_str!("../migrations/sqlite/0006_hosts.sql")),
 ];
 const POSTGRES: &[(i64, &str)] = &[
@@ -16,6 +17,7 @@ const POSTGRES: &[(i64, &str)] = &[
     (2, include_str!("../migrations/postgres/0002_promotion.sql")),
     (3, include_str!("../migrations/postgres/0003_dbos.sql")),
     (4, include_str!("../migrations/postgres/0004_scale.sql")),
+    (5, include_str!("../migrations/postgres/0005_replicas.sql")),
     (6, include_str!("../migrations/postgres/0006_hosts.sql")),
 ];
 

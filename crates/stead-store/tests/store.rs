@@ -45,9 +45,64 @@ both!(
     promotion_waits_for_a_ready_instance,
     crash_looping_target_is_failed,
     rollback_goes_through_the_target,
+    replicas_share_one_key_and_take_turns_with_leases,
     a_host_back_from_the_dead_is_fenced,
     draining_is_stored_and_listed,
 );
+
+/// Replicas on one database: the first fixes the secret key's check value
+/// and a replica with another key is refused; a lease is held by one
+/// replica at a time, renewed by its holder, taken over only once expired,
+/// and free at once when released.
+async fn replicas_share_one_key_and_take_turns_with_leases(store: Store) {
+    store.check_secret_key().await.unwrap();
+    store.check_secret_key().await.unwrap();
+    let other = store.clone().with_secret_key([7u8; 32]);
+    let e = other.check_secret_key().await.unwrap_err();
+    assert!(matches!(e, StoreError::KeyMismatch), "{e}");
+    assert!(e.to_string().contains("--secret-key-file"), "{e}");
+
+    let ttl = Duration::from_secs(30);
+    assert!(store.acquire_lease("loop", "r-a", ttl).await.unwrap());
+    assert!(!store.acquire_lease("loop", "r-b", ttl).await.unwrap());
+    assert!(
+        store.acquire_lease("loop", "r-a", ttl).await.unwrap(),
+        "renewal"
+    );
+    assert_eq!(
+        store.lease_holder("loop").await.unwrap().map(|(h, _)| h),
+        Some("r-a".to_string())
+    );
+    // Concurrent takers of a free lease: exactly one wins.
+    let mut wins = 0;
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let s = store.clone();
+            tokio::spawn(async move { s.acquire_lease("race", &format!("r-{i}"), ttl).await })
+        })
+        .collect();
+    for r in racers {
+        if r.await.unwrap().unwrap() {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1);
+    // An expired lease is taken over.
+    assert!(store
+        .acquire_lease("loop", "r-a", Duration::from_millis(1))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.lease_holder("loop").await.unwrap(), None);
+    assert!(store.acquire_lease("loop", "r-b", ttl).await.unwrap());
+    assert!(!store.acquire_lease("loop", "r-a", ttl).await.unwrap());
+    // Released: free at once; releasing someone else's lease does nothing.
+    store.release_lease("loop", "r-a").await.unwrap();
+    assert!(!store.acquire_lease("loop", "r-a", ttl).await.unwrap());
+    store.release_lease("loop", "r-b").await.unwrap();
+    assert!(store.acquire_lease("loop", "r-a", ttl).await.unwrap());
+    store.notify("stead_test", "hello").await.unwrap();
+}
 
 fn config(name: &str) -> AppConfig {
     AppConfig::from_stead_toml(&format!(

@@ -468,12 +468,63 @@ pub struct LogsArgs {
     /// Print each line as a JSON object.
     #[arg(long)]
     pub json: bool,
+    /// The build output of a version (the latest unless --version says)
+    /// instead of the instances' logs.
+    #[arg(long)]
+    pub build: bool,
+    /// With --build: which version's build.
+    #[arg(long, requires = "build")]
+    pub version: Option<u32>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
 
+/// `stead logs APP --build`: a version's build output, page by page (and,
+/// with --follow, until the build ends).
+async fn build_logs(api: &Api, args: &LogsArgs) -> anyhow::Result<()> {
+    let app = &args.app;
+    let version = match args.version {
+        Some(v) => v,
+        None => {
+            let status: stead_api::AppStatus = api.get(&format!("/v1/apps/{app}")).await?;
+            status
+                .latest_version
+                .ok_or_else(|| anyhow::anyhow!("app {app} has no version yet; deploy it first"))?
+        }
+    };
+    let mut after = 0i64;
+    // Bounded: a build log holds at most this many pages of 1000 lines.
+    for _ in 0..10_000 {
+        let wait = if args.follow { "&wait_ms=10000" } else { "" };
+        let page: stead_api::BuildLogPage = api
+            .get(&format!(
+                "/v1/apps/{app}/versions/{version}/build-log?after={after}&limit=1000{wait}"
+            ))
+            .await?;
+        for l in &page.lines {
+            if args.json {
+                println!("{}", serde_json::to_string(l)?);
+            } else {
+                println!("{}", l.line);
+            }
+            after = l.seq;
+        }
+        let building = page.state == stead_api::VersionState::Building;
+        if page.lines.is_empty() && !(args.follow && building) {
+            if let Some(e) = page.error.filter(|_| !args.json) {
+                eprintln!("build of {app} v{version} failed: {e}");
+            }
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 pub async fn logs(args: LogsArgs) -> anyhow::Result<()> {
     let api = Api::from_args(&args.client)?;
+    if args.build {
+        return build_logs(&api, &args).await;
+    }
     let app = &args.app;
     let mut lines: Vec<LogLine> = api
         .get(&format!("/v1/apps/{app}/logs?limit={}", args.lines))

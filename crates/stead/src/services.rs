@@ -33,6 +33,11 @@ pub struct ServerArgs {
     /// (it must be the agents' `<data dir>/appdata`, so single-machine only).
     #[arg(long)]
     pub app_database_dir: Option<PathBuf>,
+    /// The key secrets are encrypted with (64 hex characters; created if
+    /// missing). Every replica on one database needs the same key: give
+    /// them all a copy of the first one's. Default: `<data dir>/secret.key`.
+    #[arg(long, env = "STEAD_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
     /// A host whose heartbeats stop this long is dead: its instances are
     /// placed elsewhere, their workflows recovered, and what it still runs
     /// when it comes back is fenced (stopped).
@@ -155,6 +160,8 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.host_timeout = args.host_timeout;
     config.router_url = args.router_url;
     config.domain = args.domain;
+    config.secret_key_file = args.secret_key_file;
+
     if let Some(url) = args.app_database_url {
         config.app_databases = stead_server::AppDatabases::Postgres { admin_url: url };
     } else if let Some(dir) = args.app_database_dir {

@@ -8,79 +8,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, tail, BIN};
+use common::{free_port, Proc, BIN};
 use serde_json::Value;
-
-struct Proc {
-    child: Option<Child>,
-    log: PathBuf,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-}
-
-impl Proc {
-    fn start(log: PathBuf, args: Vec<String>, env: Vec<(String, String)>) -> Proc {
-        let mut p = Proc {
-            child: None,
-            log,
-            args,
-            env,
-        };
-        p.spawn();
-        p
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log");
-        let mut cmd = Command::new(BIN);
-        cmd.args(&self.args)
-            .env("STEAD_LOG", "info,sqlx=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().expect("spawn"));
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn text(&self) -> String {
-        tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 60)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-15", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 struct Cluster {
     root: PathBuf,
@@ -93,7 +25,10 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(root: &Path) -> Cluster {
+    /// The apps' databases: SQLite files in the agent's data folder, or,
+    /// with `app_databases`, a database and role per app on that
+    /// PostgreSQL server.
+    fn start(root: &Path, app_databases: Option<&str>) -> Cluster {
         let db = format!("sqlite://{}", root.join("stead.db").display());
         let token = |args: &[&str]| -> String {
             let out = Command::new(BIN)
@@ -126,11 +61,18 @@ impl Cluster {
                 root.join("server").display().to_string(),
                 "--router-url".into(),
                 router.clone(),
+            ]
+            .into_iter()
+            .chain(match app_databases {
+                Some(url) => vec!["--app-database-url".to_string(), url.to_string()],
                 // Single machine: the apps' SQLite databases live in the
                 // agent's per-app data folders.
-                "--app-database-dir".into(),
-                agent_data.join("appdata").display().to_string(),
-            ],
+                None => vec![
+                    "--app-database-dir".to_string(),
+                    agent_data.join("appdata").display().to_string(),
+                ],
+            })
+            .collect(),
             Vec::new(),
         );
         let agent = Proc::start(
@@ -334,9 +276,25 @@ fn instance_pid(c: &Cluster, app: &str) -> (String, u64) {
 #[test]
 fn agent_and_control_plane_die_separately_during_workflows() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut c = Cluster::start(tmp.path());
-    let app = "wf-parts";
-    let dir = common::copy_example("dbos-python", tmp.path());
+    let mut c = Cluster::start(tmp.path(), None);
+    die_separately(&mut c, tmp.path(), "dbos-python", "wf-parts");
+}
+
+/// The same with the Rust app on the `dbos` crate, whose system database
+/// is PostgreSQL (a database and role the platform provisions for it).
+#[test]
+fn rust_app_agent_and_control_plane_die_separately_during_workflows() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = rt.block_on(stead_store::testing::postgres_database());
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(tmp.path(), Some(pg.admin_url()));
+    die_separately(&mut c, tmp.path(), "dbos-rust", "wf-parts-rs");
+}
+
+/// Kills the agent, then the control plane, then an instance while its
+/// agent is down, each during a workflow of `example` deployed as `app`.
+fn die_separately(c: &mut Cluster, root: &Path, example: &str, app: &str) {
+    let dir = common::copy_example(example, root);
     c.ok(&[
         "deploy",
         dir.to_str().expect("p"),
@@ -349,22 +307,22 @@ fn agent_and_control_plane_die_separately_during_workflows() {
     // 1. Kill the agent mid-workflow: the instance keeps running; the new
     //    agent adopts it (same instance), and the workflow completes with
     //    every step once.
-    let wf = start_gated(&c, app, "g1", 2);
+    let wf = start_gated(c, app, "g1", 2);
     c.wait("step 2 to start", Duration::from_secs(60), || {
         (count(&c.executions(app), &wf, 2, "start") > 0).then_some(())
     });
-    let (before, _) = instance_pid(&c, app);
+    let (before, _) = instance_pid(c, app);
     c.agent.kill9();
     c.agent.spawn();
     c.wait(
         "the restarted agent to report the adopted instance",
         Duration::from_secs(60),
         || {
-            let (id, _) = ready_instance(&c, app)?;
+            let (id, _) = ready_instance(c, app)?;
             (id == before).then_some(())
         },
     );
-    open_gate(&c, app, "g1");
+    open_gate(c, app, "g1");
     c.wait("workflow 1 to finish", Duration::from_secs(60), || {
         c.status(app, &wf).filter(|s| s == "SUCCESS")
     });
@@ -381,14 +339,14 @@ fn agent_and_control_plane_die_separately_during_workflows() {
 
     // 2. Kill the control plane mid-workflow: the data plane goes on, and
     //    the workflow completes; the restarted control plane sees it.
-    let wf2 = start_gated(&c, app, "g2", 2);
+    let wf2 = start_gated(c, app, "g2", 2);
     c.wait("step 2 to start", Duration::from_secs(60), || {
         (count(&c.executions(app), &wf2, 2, "start") > 0).then_some(())
     });
     c.server.kill9();
     // The router keeps routing with its last table while the control plane
     // is away.
-    open_gate(&c, app, "g2");
+    open_gate(c, app, "g2");
     c.server.spawn();
     c.wait_ready();
     c.wait("workflow 2 to finish", Duration::from_secs(60), || {
@@ -402,11 +360,11 @@ fn agent_and_control_plane_die_separately_during_workflows() {
     // 3. The instance dies while its agent is down: the restarted agent
     //    reports it, a replacement starts, and the dead executor's workflow
     //    is recovered and completes; step 1 is not run again.
-    let wf3 = start_gated(&c, app, "g3", 2);
+    let wf3 = start_gated(c, app, "g3", 2);
     c.wait("step 2 to start", Duration::from_secs(60), || {
         (count(&c.executions(app), &wf3, 2, "start") > 0).then_some(())
     });
-    let (victim, pid) = instance_pid(&c, app);
+    let (victim, pid) = instance_pid(c, app);
     c.agent.kill9();
     assert!(Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -415,10 +373,10 @@ fn agent_and_control_plane_die_separately_during_workflows() {
         .success());
     c.agent.spawn();
     c.wait("a replacement instance", Duration::from_secs(60), || {
-        let (id, _) = ready_instance(&c, app)?;
+        let (id, _) = ready_instance(c, app)?;
         (id != victim).then_some(())
     });
-    open_gate(&c, app, "g3");
+    open_gate(c, app, "g3");
     c.wait(
         "workflow 3 to finish on the replacement",
         Duration::from_secs(120),
@@ -457,7 +415,7 @@ fn agent_and_control_plane_die_separately_during_workflows() {
     // A production agent leaves its instances running when it stops (so a
     // restart costs nothing): delete the app so the test leaves none behind.
     c.ok(&["apps", "delete", app, "--yes"]);
-    let instances = tmp.path().join("agent/instances");
+    let instances = root.join("agent/instances");
     c.wait(
         "the app's instances to stop",
         Duration::from_secs(60),

@@ -290,6 +290,22 @@ fn failing_builds_and_bad_input_fail_clearly() {
     );
     let versions = dev.json(&["apps", "versions", "bad-build", "--json"]);
     assert_eq!(versions[0]["state"], "failed", "{versions}");
+    // The failed build's output stays readable afterwards.
+    let out = dev.run(&["logs", "bad-build", "--build"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.contains("compiling") && log.contains("error: no such crate"),
+        "{log}"
+    );
+    assert!(
+        stderr(&out).contains("build of bad-build v1 failed"),
+        "{}",
+        stderr(&out)
+    );
+    let out = dev.run(&["logs", "bad-build", "--build", "--version", "9"]);
+    assert!(!out.status.success(), "an unknown version is an error");
+    assert!(stderr(&out).contains('9'), "{}", stderr(&out));
 
     // A start command that exits at once: the deploy fails and says so.
     let crash = tmp.path().join("crashy");
