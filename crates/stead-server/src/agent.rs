@@ -107,7 +107,9 @@ pub(crate) async fn heartbeat(
                 .list_hosts(state.config.host_timeout)
                 .await?
                 .into_iter()
-                .filter(|h| h.state == "alive")
+                // Draining hosts are alive: they keep what runs there
+                // until it is replaced.
+                .filter(|h| h.state != "dead")
                 .map(|h| (h.id, h.backends))
                 .collect();
             alive.sort();

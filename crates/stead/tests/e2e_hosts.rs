@@ -633,7 +633,7 @@ fn hosts_len(c: &Cluster) -> usize {
 
 /// hello-python as `name` with a fixed instance count.
 fn app_dir(root: &Path, name: &str, count: u32) -> PathBuf {
-    let dir = common::copy_example("hello-python", root);
+    let dir = common::copy_example("hello-python", &root.join(name));
     let toml = std::fs::read_to_string(dir.join("stead.toml")).expect("toml");
     let toml = toml.replace("name = \"hello-python\"", &format!("name = \"{name}\""));
     std::fs::write(
@@ -728,16 +728,16 @@ impl Load {
 fn drain_moves_instances_without_failing_requests() {
     let tmp = tempfile::tempdir().expect("tmp");
     let c = Cluster::start(tmp.path(), 0, 2, "5s");
-    let app = "drained";
-    let dir = app_dir(tmp.path(), app, 2);
+    // Spread: two instances, one on each host.
+    let spread = "spread";
+    let dir = app_dir(tmp.path(), spread, 2);
     c.ok(&["deploy", dir.to_str().expect("p"), "--timeout", "300"]);
-    // Spread: one ready instance on each host.
     c.wait(
         "one ready instance per host",
         Duration::from_secs(120),
         || {
             let mut hosts: Vec<String> = c
-                .instances(app)
+                .instances(spread)
                 .into_iter()
                 .filter(|(_, s)| s == "ready")
                 .map(|(h, _)| h)
@@ -746,11 +746,26 @@ fn drain_moves_instances_without_failing_requests() {
             (hosts == ["host-1", "host-2"]).then_some(())
         },
     );
+    // The app under load has one instance: draining its host must start
+    // the replacement elsewhere and stop the old one only once the new one
+    // is ready, or requests fail.
+    let app = "drained";
+    let dir = app_dir(tmp.path(), app, 1);
+    c.ok(&["deploy", dir.to_str().expect("p"), "--timeout", "300"]);
+    let victim = c.wait("a ready instance", Duration::from_secs(120), || {
+        let inst = c.instances(app);
+        (inst.len() == 1 && inst[0].1 == "ready").then(|| inst[0].0.clone())
+    });
+    let (v, other) = if victim == "host-1" {
+        (0, "host-2")
+    } else {
+        (1, "host-1")
+    };
     assert_eq!(c.get(app), Ok(200));
 
     // A user token may not drain (hosts are shared by every organisation);
     // unknown hosts are a clear error.
-    let out = c.cli_with(&c.user_token, &["hosts", "drain", "host-1"]);
+    let out = c.cli_with(&c.user_token, &["hosts", "drain", &victim]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("host token"),
@@ -772,21 +787,26 @@ fn drain_moves_instances_without_failing_requests() {
     });
     let t0 = Instant::now();
     let drained: Value =
-        serde_json::from_str(&c.ok_with(&c.host_token, &["hosts", "drain", "host-1", "--json"]))
+        serde_json::from_str(&c.ok_with(&c.host_token, &["hosts", "drain", &victim, "--json"]))
             .expect("json");
     assert_eq!(drained["state"], "draining");
     assert_eq!(drained["draining"], true);
-    // Both instances end up on host-2, host-1 runs nothing.
+    // Every instance of both apps ends up on the other host; the drained
+    // host runs nothing.
     c.wait(
-        "the drained host's instance replaced",
+        "the drained host's instances replaced",
         Duration::from_secs(120),
         || {
-            let inst = c.instances(app);
-            let h = c.host_state("host-1")?;
-            (inst.len() == 2
-                && inst.iter().all(|(h, s)| h == "host-2" && s == "ready")
+            let a = c.instances(app);
+            let b = c.instances(spread);
+            let h = c.host_state(&victim)?;
+            (a.len() == 1
+                && b.len() == 2
+                && a.iter()
+                    .chain(b.iter())
+                    .all(|(h, s)| h == other && s == "ready")
                 && h["instances"] == 0
-                && c.hosts[0].instance_pids().is_empty())
+                && c.hosts[v].instance_pids().is_empty())
             .then_some(())
         },
     );
@@ -802,18 +822,39 @@ fn drain_moves_instances_without_failing_requests() {
         moved.as_secs_f64()
     );
     assert_eq!(failed, 0, "failed requests during the drain: {errors:?}");
-    let h1 = c.host_state("host-1").expect("host-1");
-    assert_eq!(h1["state"], "draining");
+    // In the event log, the replacement was ready before the old instance
+    // exited.
+    let events: Value = c
+        .http()
+        .get(format!("{}/v1/apps/{app}/events", c.api))
+        .bearer_auth(&c.user_token)
+        .send()
+        .and_then(|r| r.json())
+        .expect("events");
+    let events = events.as_array().expect("events").clone();
+    let ready_new = events
+        .iter()
+        .position(|e| e["kind"] == "instance_ready" && e["data"]["host"] == other);
+    let exit_old = events
+        .iter()
+        .position(|e| e["kind"] == "instance_exited" && e["data"]["host"] == victim.as_str());
+    assert!(
+        matches!((ready_new, exit_old), (Some(r), Some(x)) if r < x),
+        "the replacement must be ready before the old instance exits: {events:?}"
+    );
+    let h = c.host_state(&victim).expect("victim");
+    assert_eq!(h["state"], "draining");
 
-    // Undrain: host-1 takes new instances again, nothing moves back.
+    // Undrain: the host takes new instances again, nothing moves back.
     let undrained: Value =
-        serde_json::from_str(&c.ok_with(&c.host_token, &["hosts", "undrain", "host-1", "--json"]))
+        serde_json::from_str(&c.ok_with(&c.host_token, &["hosts", "undrain", &victim, "--json"]))
             .expect("json");
     assert_eq!(undrained["state"], "alive");
-    std::thread::sleep(Duration::from_secs(2));
+    // Several heartbeats of both hosts (poll interval 1 s).
+    std::thread::sleep(Duration::from_secs(3));
     let inst = c.instances(app);
     assert!(
-        inst.len() == 2 && inst.iter().all(|(h, _)| h == "host-2"),
+        inst.len() == 1 && inst.iter().all(|(h, _)| h == other),
         "running instances moved after undrain: {inst:?}"
     );
     let list = c.ok(&["hosts", "list"]);
