@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{bundle, send, sha256_hex, start_with, Db, TestServer};
+use common::{deploy_built_toml, send, start_with, Db, TestServer};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -28,36 +28,7 @@ async fn register(s: &TestServer, name: &str, memory_mb: u64) -> (String, String
 
 /// Deploys and builds `name` (claimed by `host`).
 async fn deploy_built(s: &TestServer, host: &(String, String), name: &str, count: u32, mem: u32) {
-    let t = toml(name, count, mem);
-    let (st, v) = s
-        .deploy(
-            name,
-            bundle(&[("stead.toml", t.as_bytes()), ("server", b"#!/bin/sh\n")]),
-            None,
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{v}");
-    let (st, claim) = send(
-        s.host(Method::POST, "/v1/agent/builds/claim")
-            .json(&json!({"host_id": host.0, "session": host.1})),
-    )
-    .await;
-    assert_eq!(st, StatusCode::OK, "{claim}");
-    let id = claim["task"]["id"].as_i64().unwrap();
-    let artifact = format!("artifact of {name}").into_bytes();
-    let hash = sha256_hex(&artifact);
-    let (st, _) = send(
-        s.host(Method::PUT, &format!("/v1/blobs/{hash}"))
-            .body(artifact),
-    )
-    .await;
-    assert_eq!(st, StatusCode::NO_CONTENT);
-    let (st, v) = send(
-        s.host(Method::POST, &format!("/v1/agent/builds/{id}/complete"))
-            .json(&json!({"host_id": host.0, "session": host.1, "artifact_hash": hash})),
-    )
-    .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
+    deploy_built_toml(s, host, name, &toml(name, count, mem)).await;
 }
 
 /// Heartbeats `instances` (id, app, state) of version 1; returns the

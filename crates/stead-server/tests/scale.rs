@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{bundle, send, sha256_hex, start, Db, TestServer};
+use common::{deploy_built_toml, send, start, Db, TestServer};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -51,36 +51,7 @@ async fn register(s: &TestServer, name: &str) -> (String, String) {
 
 /// Deploys `app` with `scale` settings and builds it on the host.
 async fn deploy_built(s: &TestServer, host: &(String, String), app: &str, scale: &str) {
-    let text = toml(app, scale);
-    let (st, v) = s
-        .deploy(
-            app,
-            bundle(&[("stead.toml", text.as_bytes()), ("server", b"x")]),
-            None,
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{v}");
-    let (st, claim) = send(
-        s.host(Method::POST, "/v1/agent/builds/claim")
-            .json(&json!({"host_id": host.0, "session": host.1})),
-    )
-    .await;
-    assert_eq!(st, StatusCode::OK, "{claim}");
-    let id = claim["task"]["id"].as_i64().unwrap();
-    let artifact = format!("artifact of {app}").into_bytes();
-    let hash = sha256_hex(&artifact);
-    let (st, _) = send(
-        s.host(Method::PUT, &format!("/v1/blobs/{hash}"))
-            .body(artifact),
-    )
-    .await;
-    assert_eq!(st, StatusCode::NO_CONTENT);
-    let (st, v) = send(
-        s.host(Method::POST, &format!("/v1/agent/builds/{id}/complete"))
-            .json(&json!({"host_id": host.0, "session": host.1, "artifact_hash": hash})),
-    )
-    .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
+    deploy_built_toml(s, host, app, &toml(app, scale)).await;
 }
 
 /// Heartbeats with `ready` ready instances of `app` v1; returns the reply.

@@ -189,20 +189,19 @@ impl Cluster {
             .map(str::to_string)
     }
 
-    fn wait<T>(&self, what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(v) = f() {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}\nserver:\n{}\nagent:\n{}",
-                self.server.text(),
-                self.agent.text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn wait<T>(&self, what: &str, within: Duration, f: impl FnMut() -> Option<T>) -> T {
+        common::wait_until(
+            what,
+            within,
+            || {
+                format!(
+                    "server:\n{}\nagent:\n{}",
+                    self.server.text(),
+                    self.agent.text()
+                )
+            },
+            f,
+        )
     }
 }
 

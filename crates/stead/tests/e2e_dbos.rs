@@ -84,19 +84,8 @@ fn quiet_tail(dev: &Dev) -> String {
     tail(&text.join("\n"), 80)
 }
 
-fn wait_for<T>(what: &str, within: Duration, dev: &Dev, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; dev log:\n{}",
-            quiet_tail(dev)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for<T>(what: &str, within: Duration, dev: &Dev, f: impl FnMut() -> Option<T>) -> T {
+    common::wait_until(what, within, || format!("dev log:\n{}", quiet_tail(dev)), f)
 }
 
 fn workflow_status(dev: &Dev, app: &str, wf: &str) -> Option<String> {

@@ -397,21 +397,8 @@ impl Cluster {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let pg = rt.block_on(stead_store::testing::postgres_database());
         let db = pg.url.clone();
-        let token = |args: &[&str]| -> String {
-            let out = Command::new(BIN)
-                .args(["tokens", "create", "--database", &db])
-                .args(args)
-                .output()
-                .expect("tokens");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        };
-        let user_token = token(&["--org", "acme"]);
-        let host_token = token(&["--host"]);
+        let user_token = common::create_token(&db, &["--org", "acme"]);
+        let host_token = common::create_token(&db, &["--host"]);
         let addr = ServerAddr::add(test);
         let api_port = free_port();
         let router_port = free_port();
@@ -603,19 +590,8 @@ impl Cluster {
         s
     }
 
-    fn wait<T>(&self, what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(v) = f() {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {within:?} waiting for {what}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn wait<T>(&self, what: &str, within: Duration, f: impl FnMut() -> Option<T>) -> T {
+        common::wait_until(what, within, || self.logs(), f)
     }
 
     fn get(&self, app: &str) -> Result<u16, String> {

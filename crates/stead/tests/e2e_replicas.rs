@@ -59,21 +59,20 @@ fn healthy(url: &str) -> bool {
 
 impl Replicas {
     /// Waits for `f` to give a value (at most `within`), naming `what`.
-    fn wait<T>(&self, what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(v) = f() {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}\nserver 0:\n{}\nserver 1:\n{}\nagent:\n{}",
-                self.servers[0].text(),
-                self.servers[1].text(),
-                self.agent.text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn wait<T>(&self, what: &str, within: Duration, f: impl FnMut() -> Option<T>) -> T {
+        common::wait_until(
+            what,
+            within,
+            || {
+                format!(
+                    "server 0:\n{}\nserver 1:\n{}\nagent:\n{}",
+                    self.servers[0].text(),
+                    self.servers[1].text(),
+                    self.agent.text()
+                )
+            },
+            f,
+        )
     }
 
     /// The CLI against replica `n`.

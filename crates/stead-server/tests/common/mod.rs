@@ -181,3 +181,40 @@ pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+/// Deploys `name` with the stead.toml `toml` and completes its build as
+/// the agent of `host` (host id, session) would: claim, upload an
+/// artifact, complete.
+pub async fn deploy_built_toml(s: &TestServer, host: &(String, String), name: &str, toml: &str) {
+    let (st, v) = s
+        .deploy(
+            name,
+            bundle(&[("stead.toml", toml.as_bytes()), ("server", b"#!/bin/sh\n")]),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, claim) = send(
+        s.host(Method::POST, "/v1/agent/builds/claim")
+            .json(&serde_json::json!({"host_id": host.0, "session": host.1})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{claim}");
+    let id = claim["task"]["id"].as_i64().expect("task id");
+    let artifact = format!("artifact of {name}").into_bytes();
+    let hash = sha256_hex(&artifact);
+    let (st, _) = send(
+        s.host(Method::PUT, &format!("/v1/blobs/{hash}"))
+            .body(artifact),
+    )
+    .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, v) = send(
+        s.host(Method::POST, &format!("/v1/agent/builds/{id}/complete"))
+            .json(
+                &serde_json::json!({"host_id": host.0, "session": host.1, "artifact_hash": hash}),
+            ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+}

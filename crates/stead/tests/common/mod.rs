@@ -474,3 +474,25 @@ pub fn create_token(db: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Polls `f` every 100 ms until it gives a value, for at most `within`;
+/// then fails naming `what`, with `logs()` (the components' last lines).
+pub fn wait_until<T>(
+    what: &str,
+    within: Duration,
+    logs: impl Fn() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
