@@ -426,13 +426,19 @@ async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
         let record = record.clone();
         tasks.push(tokio::spawn(async move {
             let info = process.wait().await;
-            let (stopped_by_agent, ready_since) = {
+            let (stopped_by_agent, ready_since, stopping) = {
                 let instances = shared.instances.lock().await;
                 instances
                     .get(&record.id)
-                    .map(|i| (i.stopped_by_agent, i.ready_since))
-                    .unwrap_or((true, None))
+                    .map(|i| (i.stopped_by_agent, i.ready_since, i.phase == Phase::Stopping))
+                    .unwrap_or((true, None, false))
             };
+            // Being stopped by `stop`: that task records the exit with the
+            // reason for the stop (e.g. a failed health check), which the
+            // bare signal would hide.
+            if stopping {
+                return;
+            }
             if !stopped_by_agent {
                 tracing::warn!(app = %record.app, version = record.version, instance = %record.id, host = %shared.config.name, exit = %info.description, "instance exited");
                 // Only a crash before (or right after) becoming ready counts
