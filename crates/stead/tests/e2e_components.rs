@@ -257,6 +257,26 @@ fn agent_and_control_plane_die_separately_during_workflows() {
     die_separately(&mut c, tmp.path(), "dbos-python", "wf-parts");
 }
 
+/// The same with the current Python app's system database on PostgreSQL
+/// (a database and role the platform provisions for it).
+#[test]
+fn python_app_on_postgres_agent_and_control_plane_die_separately_during_workflows() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = rt.block_on(stead_store::testing::postgres_database());
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(tmp.path(), Some(pg.admin_url()));
+    die_separately(&mut c, tmp.path(), "dbos-python", "wf-parts-pg");
+}
+
+/// The same with the Python app on `dbos` 2.31, whose workflows are
+/// recovered through its DBOS admin endpoint.
+#[test]
+fn python_2_app_agent_and_control_plane_die_separately_during_workflows() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(tmp.path(), None);
+    die_separately(&mut c, tmp.path(), "dbos-python2", "wf-parts-py2");
+}
+
 /// The same with the Rust app on the `dbos` crate, whose system database
 /// is PostgreSQL (a database and role the platform provisions for it).
 #[test]
