@@ -887,7 +887,7 @@ fn bench_recovery() {
     // The Rust crate needs PostgreSQL: a throwaway cluster for its platform
     // database (and one more database for the run by hand).
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let pg = wanted("rust-database").then(|| {
+    let pg = (wanted("rust-database") || wanted("rust-executor-id")).then(|| {
         (
             rt.block_on(stead_store::testing::postgres_database()),
             rt.block_on(stead_store::testing::postgres_database()),
@@ -908,18 +908,29 @@ fn bench_recovery() {
         ("admin", "dbos-python2", None),
         ("executor-id", "dbos-python", Some("executor-id")),
         ("rust-database", "dbos-rust", None),
+        ("rust-executor-id", "dbos-rust", Some("executor-id")),
     ];
     for (trigger, example, mode) in triggers {
         if !wanted(trigger) {
             continue;
         }
         let (dev, base_db) = match (trigger, &dev_pg, &pg) {
-            ("rust-database", Some(d), Some((_, by_hand))) => (d, by_hand.url.clone()),
+            ("rust-database" | "rust-executor-id", Some(d), Some((_, by_hand))) => {
+                (d, by_hand.url.clone())
+            }
             _ => (&dev, "sqlite".to_string()),
         };
         let app = format!("bench-{}", trigger.replace('-', ""));
         let dir = copy_example(example, &tmp.path().join(&app));
-        if let Some(mode) = mode {
+        if let (Some(mode), "dbos-rust") = (mode, example) {
+            // The example's own stead.toml, with the trigger overridden.
+            let toml = std::fs::read_to_string(dir.join("stead.toml")).expect("stead.toml");
+            std::fs::write(
+                dir.join("stead.toml"),
+                toml.replace("recovery = \"auto\"", &format!("recovery = \"{mode}\"")),
+            )
+            .expect("write");
+        } else if let Some(mode) = mode {
             std::fs::write(
                 dir.join("stead.toml"),
                 format!(
