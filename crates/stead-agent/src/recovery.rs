@@ -75,14 +75,8 @@ fn take_witnessed(shared: &Shared, app: &str, version: u32) -> Vec<String> {
 }
 
 fn give_back(shared: &Shared, app: &str, version: u32, executors: &[String]) {
-    let mut w = shared.witnessed.lock().unwrap_or_else(|e| e.into_inner());
     for e in executors {
-        w.push(Witnessed {
-            app: app.to_string(),
-            version,
-            executor_id: e.clone(),
-            at: tokio::time::Instant::now(),
-        });
+        witness_death(shared, app, version, e);
     }
 }
 
@@ -221,22 +215,15 @@ pub(crate) async fn admin_orders(shared: &Arc<Shared>, intended: &IntendedHostSt
             match result {
                 Ok(workflows) => {
                     tracing::info!(app = %app.app, version = app.version, instance = %instance, executors = ?app.recover_via_admin, workflows = workflows.len(), "recovered workflows through the DBOS admin endpoint");
-                    let report = RecoveryReport {
-                        host_id: shared.host_id.clone(),
-                        app: app.app.clone(),
-                        version: app.version,
-                        executor_ids: app.recover_via_admin.clone(),
+                    report(
+                        &shared,
+                        &app.app,
+                        app.version,
+                        &instance,
+                        app.recover_via_admin.clone(),
                         workflows,
-                        method: "admin".into(),
-                        instance: instance.clone(),
-                    };
-                    if let Err(e) = shared
-                        .client
-                        .post::<_, serde_json::Value>("/v1/agent/recovered", &report)
-                        .await
-                    {
-                        tracing::warn!(app = %app.app, error = %e, "reporting a recovery failed; it will be repeated");
-                    }
+                    )
+                    .await;
                 }
                 Err(e) => {
                     tracing::warn!(app = %app.app, version = app.version, instance = %instance, error = %e, "recovery through the DBOS admin endpoint failed; will retry")

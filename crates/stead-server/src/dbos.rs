@@ -369,6 +369,9 @@ pub(crate) async fn run_loop(state: AppState, pools: std::sync::Arc<Pools>) {
     let mut orphans: HashMap<(i64, String), Instant> = HashMap::new();
     let mut last_sweep = Instant::now() - Duration::from_secs(60);
     let mut holding = false;
+    // When the lease was last taken or renewed: passes run on every change
+    // (each heartbeat), but the lease is written only a few times per TTL.
+    let mut renewed = Instant::now() - LEASE_TTL;
     loop {
         if state
             .shutting_down
@@ -376,18 +379,25 @@ pub(crate) async fn run_loop(state: AppState, pools: std::sync::Arc<Pools>) {
         {
             return;
         }
-        match state
-            .store
-            .acquire_lease(LEASE, &state.replica, LEASE_TTL)
-            .await
-        {
-            Ok(held) => {
-                if held != holding {
-                    tracing::info!(replica = %state.replica, held, "durable-execution lease {}", if held { "taken" } else { "lost" });
-                    holding = held;
-                }
+        let due = !holding || renewed.elapsed() >= LEASE_TTL / 3;
+        let acquired = if due {
+            renewed = Instant::now();
+            Some(
+                state
+                    .store
+                    .acquire_lease(LEASE, &state.replica, LEASE_TTL)
+                    .await,
+            )
+        } else {
+            None
+        };
+        match acquired {
+            Some(Ok(held)) if held != holding => {
+                tracing::info!(replica = %state.replica, held, "durable-execution lease {}", if held { "taken" } else { "lost" });
+                holding = held;
             }
-            Err(e) => {
+            None | Some(Ok(_)) => {}
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "cannot take the durable-execution lease; retrying");
                 holding = false;
             }

@@ -115,6 +115,17 @@ fn deploy_example(
     dir
 }
 
+/// The app's event log (`GET /v1/apps/{app}/events`).
+fn events(dev: &Dev, app: &str) -> Value {
+    http()
+        .get(format!("{}/v1/apps/{app}/events", dev.api()))
+        .bearer_auth(dev.token())
+        .send()
+        .expect("events")
+        .json()
+        .expect("json")
+}
+
 /// The instance (from `stead apps status`) that runs executor `executor`.
 fn instance_of(dev: &Dev, app: &str, executor: &str) -> Value {
     let status = dev.json(&["apps", "status", app, "--json"]);
@@ -173,15 +184,7 @@ fn kill_mid_step(dev: &Dev, app: &str) {
         assert_eq!(count(&ex, &wf, step, "start"), 1, "step {step}: {ex:?}");
         assert_eq!(count(&ex, &wf, step, "end"), 1, "step {step}: {ex:?}");
     }
-    let ev: Value = {
-        let client = http();
-        let resp = client
-            .get(format!("{}/v1/apps/{app}/events", dev.api()))
-            .bearer_auth(dev.token())
-            .send()
-            .expect("events");
-        resp.json().expect("json")
-    };
+    let ev = events(dev, app);
     let recovery = ev
         .as_array()
         .expect("events")
@@ -516,13 +519,7 @@ fn hung_instance_is_killed_and_its_workflow_recovered() {
     for step in [3, 4] {
         assert_eq!(count(&ex, &wf, step, "end"), 1, "step {step}: {ex:?}");
     }
-    let ev: Value = http()
-        .get(format!("{}/v1/apps/{app}/events", dev.api()))
-        .bearer_auth(dev.token())
-        .send()
-        .expect("events")
-        .json()
-        .expect("json");
+    let ev = events(&dev, app);
     let events = ev.as_array().expect("events");
     let exited = events
         .iter()
@@ -741,13 +738,7 @@ fn rollout_waits_for_drain_and_survives_a_crash() {
         assert_eq!(count(&ex, &wf, step, "end"), 1, "step {step}: {ex:?}");
     }
     // v2 was promoted (activated) before v3.
-    let ev: Value = http()
-        .get(format!("{}/v1/apps/{app}/events", dev.api()))
-        .bearer_auth(dev.token())
-        .send()
-        .expect("events")
-        .json()
-        .expect("json");
+    let ev = events(&dev, app);
     let activated: Vec<u64> = ev
         .as_array()
         .expect("events")
