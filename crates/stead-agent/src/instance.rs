@@ -16,6 +16,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::decide::{Observed, Phase, StopReason};
+use crate::handover::{Item, Role};
+use crate::traffic::{Pair, Paired};
 use crate::{now_ms, Shared};
 
 /// Port an app listens on inside its sandbox when its config names none.
@@ -365,14 +367,21 @@ fn write_record(dir: &Path, record: &Record) -> std::io::Result<()> {
 async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
     let process = Arc::new(process);
     let id = record.id.clone();
-    // The same port as before an agent restart when it is still free, so
-    // routes stay valid; else a new one.
+    let mut inherited = shared.hub.take_inherited(&id);
+    // The previous agent's listener when it handed one over (nothing queued
+    // in its backlog is lost); else the same port as before an agent
+    // restart when it is still free, so routes stay valid; else a new one.
     let mut record = record;
-    let previous = match record.endpoint_port {
-        Some(p) => TcpListener::bind(SocketAddr::new(shared.config.advertise_ip, p))
+    let handed = inherited
+        .endpoint
+        .take()
+        .and_then(|l| TcpListener::from_std(l).ok());
+    let previous = match (handed, record.endpoint_port) {
+        (Some(l), _) => Some(l),
+        (None, Some(p)) => TcpListener::bind(SocketAddr::new(shared.config.advertise_ip, p))
             .await
             .ok(),
-        None => None,
+        (None, None) => None,
     };
     let bound = match previous {
         Some(l) => Ok(l),
@@ -403,16 +412,35 @@ async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
         }
     }
     let mut tasks = Vec::new();
+    let tracker = shared.telemetry.tracker(&id);
+    // Connections the previous agent was forwarding, resumed where it
+    // paused them.
+    for (role, paired) in inherited.conns.drain(..) {
+        let Some(pair) = resume(paired) else { continue };
+        match role {
+            Role::Endpoint => spawn_endpoint_splice(shared, &id, &tracker, pair),
+            Role::Expose { target } => spawn_expose_splice(shared, &id, &target, pair),
+        }
+    }
     tasks.push(tokio::spawn(forward(
+        shared.clone(),
         listener,
         process.clone(),
         record.port,
         id.clone(),
-        shared.telemetry.tracker(&id),
+        tracker,
     )));
     // The app's own database, reachable inside its network namespace.
     for target in &record.expose {
-        match expose(&process, target).await {
+        match expose(
+            shared,
+            &id,
+            &process,
+            target,
+            inherited.expose.remove(target),
+        )
+        .await
+        {
             Ok(task) => tasks.push(task),
             Err(e) => {
                 tracing::warn!(instance = %id, target = %target, error = %e, "could not expose a host service inside the instance")
@@ -478,15 +506,29 @@ async fn attach(shared: &Arc<Shared>, record: Record, process: SandboxProcess) {
 /// The instance's endpoint: accepts the routers' connections on the host
 /// and splices each with a connection made inside the instance's network
 /// namespace, counting them (open, busy) so that a stop can drain them.
+/// On a hand-over it stops accepting and hands its listener in.
 async fn forward(
+    shared: Arc<Shared>,
     listener: TcpListener,
     process: Arc<SandboxProcess>,
     port: u16,
     id: String,
     tracker: Arc<crate::traffic::ConnTracker>,
 ) {
+    let _ticket = shared.hub.ticket();
+    let mut pause = shared.hub.pause_signal();
     loop {
-        let (inbound, _) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = pause.wait_for(|p| *p) => {
+                if let Ok(listener) = listener.into_std() {
+                    shared.hub.put(Item::Listener { instance: id, role: Role::Endpoint, listener });
+                }
+                return;
+            }
+            a = listener.accept() => a,
+        };
+        let (inbound, _) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(instance = %id, error = %e, "accept failed on the instance endpoint");
@@ -496,12 +538,17 @@ async fn forward(
         };
         let process = process.clone();
         let tracker = tracker.clone();
+        let shared = shared.clone();
+        let id = id.clone();
+        let ticket = shared.hub.ticket();
         tokio::spawn(async move {
             let _ = inbound.set_nodelay(true);
             match process.connect(port).await {
                 Ok(upstream) => {
                     let _ = upstream.set_nodelay(true);
-                    tracker.splice(inbound, upstream).await;
+                    // Its own ticket first, so a hand-over waits for it.
+                    spawn_endpoint_splice(&shared, &id, &tracker, Pair::new(inbound, upstream));
+                    drop(ticket);
                 }
                 Err(_) => {
                     // Closing the inbound connection without a byte tells the
@@ -511,6 +558,59 @@ async fn forward(
             }
         });
     }
+}
+
+/// Turns sockets handed over by the previous agent back into a pair.
+fn resume(paired: Paired) -> Option<Pair> {
+    let a = tokio::net::TcpStream::from_std(paired.a).ok()?;
+    let b = tokio::net::TcpStream::from_std(paired.b).ok()?;
+    Some(Pair {
+        a,
+        b,
+        a_done: paired.a_done,
+        b_done: paired.b_done,
+        pending: paired.pending,
+    })
+}
+
+/// Forwards one router connection; on a hand-over, hands it in.
+fn spawn_endpoint_splice(
+    shared: &Arc<Shared>,
+    id: &str,
+    tracker: &Arc<crate::traffic::ConnTracker>,
+    pair: Pair,
+) {
+    let ticket = shared.hub.ticket();
+    let pause = shared.hub.pause_signal();
+    let (shared, id, tracker) = (shared.clone(), id.to_string(), tracker.clone());
+    tokio::spawn(async move {
+        let _ticket = ticket;
+        if let Some(paired) = tracker.splice(pair, pause).await {
+            shared.hub.put(Item::Conn {
+                instance: id,
+                role: Role::Endpoint,
+                paired,
+            });
+        }
+    });
+}
+
+/// Forwards one connection of the app to a host service; on a hand-over,
+/// hands it in.
+fn spawn_expose_splice(shared: &Arc<Shared>, id: &str, target: &str, pair: Pair) {
+    let ticket = shared.hub.ticket();
+    let pause = shared.hub.pause_signal();
+    let (shared, id, target) = (shared.clone(), id.to_string(), target.to_string());
+    tokio::spawn(async move {
+        let _ticket = ticket;
+        if let Some(paired) = crate::traffic::splice_with(pair, pause, || {}, || {}).await {
+            shared.hub.put(Item::Conn {
+                instance: id,
+                role: Role::Expose { target },
+                paired,
+            });
+        }
+    });
 }
 
 /// One health probe: an HTTP GET of the health path when there is one
@@ -800,26 +900,65 @@ pub(crate) fn app_data_dir(shared: &Shared, app: &str) -> PathBuf {
 /// the instance at `127.0.0.1:<port>`: a listener inside its network
 /// namespace whose connections the agent relays. This is how an isolated
 /// instance reaches its own database and nothing else.
-async fn expose(process: &Arc<SandboxProcess>, target: &str) -> std::io::Result<JoinHandle<()>> {
-    let port: u16 = target
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("{target:?} is not host:port")))?;
-    let listener = process.listen(port).await?;
+async fn expose(
+    shared: &Arc<Shared>,
+    id: &str,
+    process: &Arc<SandboxProcess>,
+    target: &str,
+    handed: Option<std::net::TcpListener>,
+) -> std::io::Result<JoinHandle<()>> {
+    let listener = match handed.and_then(|l| TcpListener::from_std(l).ok()) {
+        Some(l) => l,
+        None => {
+            let port: u16 = target
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .ok_or_else(|| std::io::Error::other(format!("{target:?} is not host:port")))?;
+            process.listen(port).await?
+        }
+    };
     let target = target.to_string();
+    let (shared, id) = (shared.clone(), id.to_string());
+    let ticket = shared.hub.ticket();
     Ok(tokio::spawn(async move {
+        let _ticket = ticket;
+        let mut pause = shared.hub.pause_signal();
         loop {
-            let Ok((mut inbound, _)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                biased;
+                _ = pause.wait_for(|p| *p) => {
+                    if let Ok(listener) = listener.into_std() {
+                        shared.hub.put(Item::Listener { instance: id, role: Role::Expose { target }, listener });
+                    }
+                    return;
+                }
+                a = listener.accept() => a,
+            };
+            let Ok((inbound, _)) = accepted else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let target = target.clone();
+            let ticket = shared.hub.ticket();
+            let (shared, id, target) = (shared.clone(), id.clone(), target.clone());
             tokio::spawn(async move {
-                if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
+                if let Ok(out) = tokio::net::TcpStream::connect(&target).await {
                     let _ = out.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    spawn_expose_splice(&shared, &id, &target, Pair::new(inbound, out));
+                    drop(ticket);
                 }
             });
         }
     }))
+}
+
+/// Ends this agent's part in every instance (supervisor, health checks,
+/// forwarders) without touching the instances, for a hand-over: the
+/// successor adopts them.
+pub(crate) async fn detach_all(shared: &Arc<Shared>) {
+    let mut instances = shared.instances.lock().await;
+    for instance in instances.values_mut() {
+        for t in instance.tasks.drain(..) {
+            t.abort();
+        }
+    }
 }

@@ -18,6 +18,7 @@
 pub mod build;
 pub mod client;
 pub mod decide;
+mod handover;
 mod instance;
 mod logship;
 mod metrics;
@@ -53,6 +54,11 @@ pub enum AgentError {
     Io {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("agent of host {host}: {source}")]
+    Handover {
+        host: String,
+        source: handover::HandoverError,
     },
     #[error("cannot serve the agent's metrics on {addr}: {source}; choose another --metrics-listen address")]
     Metrics {
@@ -150,6 +156,9 @@ pub(crate) struct Shared {
     pub witnessed: std::sync::Mutex<Vec<recovery::Witnessed>>,
     /// Measurements, counters and heartbeat acknowledgements.
     pub(crate) telemetry: metrics::Telemetry,
+    /// Forwarders' pause and sockets for a hand-over to a successor agent,
+    /// and those received from the predecessor.
+    pub(crate) hub: Arc<handover::Hub>,
 }
 
 impl Shared {
@@ -217,6 +226,15 @@ pub async fn run(
         }
     };
     tracing::info!(host = %config.name, host_id = %reg.host_id, "agent registered");
+    // One agent per data directory; a running one hands its sockets over
+    // (after registering, so that a control plane that cannot be reached
+    // leaves the running agent as it is).
+    let (lock, inherited) = handover::acquire(&config.data_dir, &config.name)
+        .await
+        .map_err(|source| AgentError::Handover {
+            host: config.name.clone(),
+            source,
+        })?;
     let shared = Arc::new(Shared {
         client,
         sandbox,
@@ -228,9 +246,20 @@ pub async fn run(
         recovering: Mutex::new(std::collections::HashSet::new()),
         witnessed: std::sync::Mutex::new(Vec::new()),
         telemetry: metrics::Telemetry::default(),
+        hub: handover::Hub::new(inherited),
         config,
     });
     instance::adopt_all(&shared).await;
+    let unclaimed = shared.hub.unclaimed();
+    if !unclaimed.is_empty() {
+        tracing::info!(host = %shared.config.name, instances = ?unclaimed, "closed the sockets handed over for instances that are gone");
+    }
+    let successors = handover::listen(&shared.config.data_dir, &lock).map_err(|source| {
+        AgentError::Handover {
+            host: shared.config.name.clone(),
+            source,
+        }
+    })?;
 
     let metrics_server = match shared.config.metrics_listen {
         Some(addr) => {
@@ -247,10 +276,23 @@ pub async fn run(
         .builds
         .then(|| tokio::spawn(build::build_loop(shared.clone())));
     let shipper = tokio::spawn(logship::ship_loop(shared.clone()));
-    shutdown.await;
+    let successor = tokio::select! {
+        _ = shutdown => None,
+        s = handover::wait_for_successor(&successors, &shared.config.data_dir) => Some(s),
+    };
     resolver.abort();
     if let Some(b) = builder {
         b.abort();
+    }
+    if let Some(successor) = successor {
+        shipper.abort();
+        hand_over(&shared, successor).await;
+        if let Some(m) = metrics_server {
+            m.abort();
+        }
+        drop(successors);
+        drop(lock);
+        return Ok(());
     }
     if shared.config.stop_instances_on_exit {
         instance::stop_all(&shared).await;
@@ -264,6 +306,33 @@ pub async fn run(
         m.abort();
     }
     Ok(())
+}
+
+/// Hands every instance's sockets to the agent that asked for them, then
+/// lets this one end without stopping anything: the successor adopts the
+/// instances and resumes their forwarders where this one paused them.
+async fn hand_over(shared: &Arc<Shared>, successor: handover::Successor) {
+    let host = &shared.config.name;
+    tracing::info!(host = %host, successor_pid = successor.pid, "handing over to a new agent");
+    let started = tokio::time::Instant::now();
+    let cut = shared.hub.pause_all(Duration::from_secs(3)).await;
+    if cut > 0 {
+        tracing::warn!(host = %host, connections = cut, "connections whose peer stopped reading could not be paused; they are cut");
+    }
+    instance::detach_all(shared).await;
+    // The successor ships from the offsets this one leaves; ship what is
+    // there now so nothing waits for it.
+    logship::ship_once(shared).await;
+    let items = shared.hub.take_collected();
+    let count = items.len();
+    match handover::hand_over(successor, items).await {
+        Ok(_) => {
+            tracing::info!(host = %host, sockets = count, took_ms = started.elapsed().as_millis() as u64, "handed over; exiting")
+        }
+        Err(e) => {
+            tracing::error!(host = %host, error = %e, "the hand-over failed; the next agent rebinds the endpoints (connections in flight are cut)")
+        }
+    }
 }
 
 fn host_capacity() -> stead_api::HostCapacity {

@@ -13,8 +13,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::AsRawFd;
+
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::Shared;
 
@@ -113,47 +115,166 @@ impl ConnTracker {
     }
 
     /// Splices `inbound` (from a router) and `upstream` (the app, inside
-    /// its sandbox) until either side is done or fails.
-    pub async fn splice(self: &Arc<Self>, inbound: TcpStream, upstream: TcpStream) {
+    /// its sandbox) until either side is done or fails, or until the agent
+    /// hands its connections over to a successor (`pause`): then both
+    /// sockets come back, with nothing read and not yet written.
+    pub async fn splice(
+        self: &Arc<Self>,
+        pair: Pair,
+        pause: watch::Receiver<bool>,
+    ) -> Option<Paired> {
         let (conn, _open) = self.register();
-        let (mut ri, mut wi) = inbound.into_split();
-        let (mut ru, mut wu) = upstream.into_split();
-        let to_app = async {
-            let mut buf = vec![0u8; BUFFER];
-            loop {
-                let n = ri.read(&mut buf).await?;
-                if n == 0 {
-                    // Half-close: the app sees the end of the request stream.
-                    let _ = wu.shutdown().await;
-                    return Ok::<(), std::io::Error>(());
-                }
-                conn.last_in.store(
-                    self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-                    Ordering::Relaxed,
-                );
-                wu.write_all(&buf[..n]).await?;
-            }
+        if pair.pending {
+            // Handed over while a request was waiting for its answer.
+            conn.last_in.store(
+                self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+                Ordering::Relaxed,
+            );
+        }
+        let towards_app = || {
+            conn.last_in.store(
+                self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+                Ordering::Relaxed,
+            );
         };
-        let to_router = async {
-            let mut buf = vec![0u8; BUFFER];
-            loop {
-                let n = ru.read(&mut buf).await?;
-                if n == 0 {
-                    let _ = wi.shutdown().await;
-                    return Ok::<(), std::io::Error>(());
-                }
-                conn.last_out.store(
-                    self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-                    Ordering::Relaxed,
-                );
-                conn.out_at_us.store(self.now_us(), Ordering::Relaxed);
-                wi.write_all(&buf[..n]).await?;
-            }
+        let towards_router = || {
+            conn.last_out.store(
+                self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+                Ordering::Relaxed,
+            );
+            conn.out_at_us.store(self.now_us(), Ordering::Relaxed);
         };
-        // Like `copy_bidirectional`: done when both directions ended, or
-        // at the first error (a reset), which ends the other one too.
-        let _ = tokio::try_join!(to_app, to_router);
+        let paused = splice_with(pair, pause, towards_app, towards_router).await?;
+        let last_in = conn.last_in.load(Ordering::Relaxed);
+        let last_out = conn.last_out.load(Ordering::Relaxed);
+        Some(Paired {
+            pending: last_in > last_out,
+            ..paused
+        })
     }
+}
+
+/// Two connected sockets to splice, and what has already ended on each:
+/// `a_done` means `a` sent its end (its bytes towards `b` are over and
+/// `b`'s write side was shut down).
+#[derive(Debug)]
+pub(crate) struct Pair {
+    pub a: TcpStream,
+    pub b: TcpStream,
+    pub a_done: bool,
+    pub b_done: bool,
+    /// Bytes went towards `b` (the app) that it has not answered yet.
+    pub pending: bool,
+}
+
+impl Pair {
+    pub fn new(a: TcpStream, b: TcpStream) -> Self {
+        Pair {
+            a,
+            b,
+            a_done: false,
+            b_done: false,
+            pending: false,
+        }
+    }
+}
+
+/// A splice stopped for a hand-over: the same sockets, as std ones so
+/// they can be sent to another process.
+#[derive(Debug)]
+pub(crate) struct Paired {
+    pub a: std::net::TcpStream,
+    pub b: std::net::TcpStream,
+    pub a_done: bool,
+    pub b_done: bool,
+    pub pending: bool,
+}
+
+enum End {
+    Done,
+    Paused,
+}
+
+/// Copies `from` to `to` until `from` ends (then shuts down `to`'s write
+/// side), fails, or `pause` is raised. A pause is only taken between a
+/// read and the next, once everything read has been written, so the bytes
+/// in flight stay in the sockets' kernel buffers for the successor.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut pause: watch::Receiver<bool>,
+    on_bytes: impl Fn(),
+) -> std::io::Result<End> {
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        tokio::select! {
+            biased;
+            _ = pause.wait_for(|p| *p) => return Ok(End::Paused),
+            r = from.readable() => r?,
+        }
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            // Half-close: the other side sees the end of this stream.
+            let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+            return Ok(End::Done);
+        }
+        on_bytes();
+        let mut sent = 0;
+        while sent < n {
+            to.writable().await?;
+            match to.try_write(&buf[sent..n]) {
+                Ok(m) => sent += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Splices `pair.a` and `pair.b` both ways, like `copy_bidirectional`
+/// (done when both directions ended, or at the first error, a reset, which
+/// ends the other one too), but pausable: `Some` when paused, with the
+/// sockets and what had ended.
+pub(crate) async fn splice_with(
+    pair: Pair,
+    pause: watch::Receiver<bool>,
+    a_to_b: impl Fn(),
+    b_to_a: impl Fn(),
+) -> Option<Paired> {
+    let Pair {
+        a,
+        b,
+        a_done,
+        b_done,
+        pending,
+    } = pair;
+    let forward = async {
+        if a_done {
+            return Ok(End::Done);
+        }
+        pump(&a, &b, pause.clone(), a_to_b).await
+    };
+    let backward = async {
+        if b_done {
+            return Ok(End::Done);
+        }
+        pump(&b, &a, pause.clone(), b_to_a).await
+    };
+    let (f, r) = tokio::try_join!(forward, backward).ok()?;
+    if let (End::Done, End::Done) = (&f, &r) {
+        return None;
+    }
+    Some(Paired {
+        a: a.into_std().ok()?,
+        b: b.into_std().ok()?,
+        a_done: matches!(f, End::Done),
+        b_done: matches!(r, End::Done),
+        pending,
+    })
 }
 
 /// How a drain ended.
@@ -201,6 +322,7 @@ pub(crate) async fn drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// A forwarder in front of an echo-ish "app" that answers each line
@@ -235,7 +357,11 @@ mod tests {
                 let (inbound, _) = front.accept().await.unwrap();
                 let upstream = TcpStream::connect(app_addr).await.unwrap();
                 let t = t.clone();
-                tokio::spawn(async move { t.splice(inbound, upstream).await });
+                let (_keep, pause) = watch::channel(false);
+                tokio::spawn(async move {
+                    let _keep = _keep;
+                    t.splice(Pair::new(inbound, upstream), pause).await
+                });
             }
         });
         (tracker, front_addr)
@@ -284,5 +410,89 @@ mod tests {
             .expect("the app's close reaches the client")
             .unwrap();
         assert_eq!(n, 0);
+    }
+
+    /// A pause in the middle of a stream both ways, then a new splice of
+    /// the same sockets (what a successor agent does with the ones handed
+    /// over): every byte arrives once, in order, and the end of the stream
+    /// still passes.
+    #[tokio::test]
+    async fn a_paused_splice_resumes_without_losing_or_repeating_bytes() {
+        // The "app" echoes everything back.
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app_addr = app.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = app.accept().await.unwrap();
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        });
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(front_addr).await.unwrap();
+            let total: usize = 4 * 1024 * 1024;
+            let data: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+            let (mut r, mut w) = c.split();
+            let send = async {
+                // Paced, so that the stream is still running at the pauses.
+                for (i, chunk) in data.chunks(7 * 1024).enumerate() {
+                    w.write_all(chunk).await.unwrap();
+                    if i % 8 == 7 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                w.shutdown().await.unwrap();
+            };
+            let mut back = Vec::with_capacity(total);
+            let recv = r.read_to_end(&mut back);
+            let (_, n) = tokio::join!(send, recv);
+            n.unwrap();
+            assert_eq!(back.len(), total, "bytes lost or repeated");
+            assert!(back == data, "bytes out of order or corrupted");
+        });
+        let (inbound, _) = front.accept().await.unwrap();
+        let upstream = TcpStream::connect(app_addr).await.unwrap();
+        let tracker = Arc::new(ConnTracker::default());
+        let mut pair = Pair::new(inbound, upstream);
+        let mut pauses = 0;
+        // Pause and resume a bounded number of times while the stream runs.
+        loop {
+            let (tx, rx) = watch::channel(false);
+            let t = tracker.clone();
+            let task = tokio::spawn(async move { t.splice(pair, rx).await });
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            tx.send_replace(true);
+            let paused = tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("a pause is taken promptly")
+                .unwrap();
+            let Some(p) = paused else {
+                break;
+            };
+            pauses += 1;
+            assert!(pauses < 500, "the stream never ended");
+            pair = Pair {
+                a: TcpStream::from_std(p.a).unwrap(),
+                b: TcpStream::from_std(p.b).unwrap(),
+                a_done: p.a_done,
+                b_done: p.b_done,
+                pending: p.pending,
+            };
+            if p.a_done && p.b_done {
+                break;
+            }
+            if pauses > 3 {
+                // Let it run to the end without further pauses.
+                let (_tx, rx) = watch::channel(false);
+                assert!(tracker.splice(pair, rx).await.is_none());
+                break;
+            }
+        }
+        assert!(pauses >= 1, "the splice was never paused mid-stream");
+        tokio::time::timeout(Duration::from_secs(20), client)
+            .await
+            .expect("the client finished")
+            .unwrap();
     }
 }
