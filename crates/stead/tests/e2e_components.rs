@@ -424,3 +424,199 @@ fn die_separately(c: &mut Cluster, root: &Path, example: &str, app: &str) {
         },
     );
 }
+
+/// Replacing the agent's binary under load: a new `stead agent` started on
+/// the running agent's data directory takes over its sockets, three times
+/// in a row, while requests (each reading the app's PostgreSQL system
+/// database through the agent's relay) keep coming on keep-alive and on new
+/// connections, and a workflow runs. No request fails, the instance is
+/// neither restarted nor duplicated, the app's database connections are the
+/// same backends afterwards (the relays were handed over, not cut), and the
+/// workflow completes with every step once.
+#[test]
+fn agent_replaced_under_load_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = rt.block_on(stead_store::testing::postgres_database());
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(tmp.path(), Some(pg.admin_url()));
+    let app = "handover";
+    let dir = common::copy_example("dbos-python", tmp.path());
+    c.ok(&[
+        "deploy",
+        dir.to_str().expect("p"),
+        "--app",
+        app,
+        "--timeout",
+        "900",
+    ]);
+    let wf = start_gated(&c, app, "g1", 2);
+    c.wait("step 2 to start", Duration::from_secs(60), || {
+        (count(&c.executions(app), &wf, 2, "start") > 0).then_some(())
+    });
+    let (instance, pid) = instance_pid(&c, app);
+
+    // The app's connections to its databases (through the agent's relay).
+    let backends = || -> Vec<String> {
+        let out = Command::new("psql")
+            .args([
+                pg.admin_url(),
+                "-Atc",
+                "SELECT pid || '@' || backend_start FROM pg_stat_activity \
+                 WHERE datname LIKE 'stead_handover%' ORDER BY 1",
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let before = backends();
+    assert!(!before.is_empty(), "the app holds database connections");
+
+    // Steady load: one keep-alive client and one that connects anew for
+    // every request, each request a read of the system database.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let url = format!("{}/apps/{app}/workflows/{wf}", c.router);
+    let load: Vec<_> = [true, false]
+        .into_iter()
+        .map(|keep_alive| {
+            let (stop, ok, failed, failures, url) = (
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                failures.clone(),
+                url.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut b = reqwest::blocking::Client::builder().timeout(Duration::from_secs(20));
+                if !keep_alive {
+                    b = b.pool_max_idle_per_host(0);
+                }
+                let client = b.build().expect("client");
+                // Bounded: the test stops it long before this.
+                for _ in 0..200_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match client.get(&url).send() {
+                        Ok(r) if r.status().is_success() => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            failures
+                                .lock()
+                                .expect("lock")
+                                .push(format!("status {}", r.status()));
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            failures.lock().expect("lock").push(e.to_string());
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    c.wait("the load to run", Duration::from_secs(30), || {
+        (ok.load(Ordering::Relaxed) >= 20).then_some(())
+    });
+
+    for round in 1..=3 {
+        let served_before = ok.load(Ordering::Relaxed);
+        let mut successor = Proc::start(
+            c.root.join(format!("agent-{round}.log")),
+            c.agent.args.clone(),
+            Vec::new(),
+        );
+        let status = c.agent.wait_exit(Duration::from_secs(60));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "round {round}: the old agent did not hand over and exit ({status:?}):\nold:\n{}\nnew:\n{}",
+            c.agent.text(),
+            successor.text()
+        );
+        assert!(
+            successor
+                .child
+                .as_mut()
+                .expect("child")
+                .try_wait()
+                .expect("wait")
+                .is_none(),
+            "round {round}: the new agent exited:\n{}",
+            successor.text()
+        );
+        std::mem::swap(&mut c.agent, &mut successor);
+        // `successor` is now the old agent's (exited) process.
+        drop(successor);
+        assert!(
+            c.agent.text().contains("took over from the previous agent"),
+            "round {round}:\n{}",
+            c.agent.text()
+        );
+        // Requests go on through the new agent's forwarders.
+        c.wait(
+            "requests after the hand-over",
+            Duration::from_secs(30),
+            || (ok.load(Ordering::Relaxed) >= served_before + 20).then_some(()),
+        );
+        // The heartbeat of the new agent reports the same instance.
+        c.wait("the new agent's heartbeat", Duration::from_secs(30), || {
+            let (id, p) = ready_instance(&c, app)?;
+            (id == instance && p == pid).then_some(())
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().expect("load thread");
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("agent replaced 3 times under load: {ok} requests answered, {failed} failed");
+    assert_eq!(
+        failed,
+        0,
+        "failed requests: {:?}",
+        failures.lock().expect("lock")
+    );
+    let after = backends();
+    let cut: Vec<_> = before.iter().filter(|b| !after.contains(b)).collect();
+    assert!(
+        cut.is_empty(),
+        "database connections cut by the hand-over: {cut:?} (before {before:?}, after {after:?})"
+    );
+    let s = c.json(&["apps", "status", app, "--json"]);
+    assert_eq!(s["instances"].as_array().map(Vec::len), Some(1), "{s}");
+
+    open_gate(&c, app, "g1");
+    c.wait("the workflow to finish", Duration::from_secs(60), || {
+        c.status(app, &wf).filter(|s| s == "SUCCESS")
+    });
+    let ex = c.executions(app);
+    for step in 1..=3 {
+        assert_eq!(count(&ex, &wf, step, "start"), 1, "step {step}: {ex:?}");
+    }
+    c.ok(&["apps", "delete", app, "--yes"]);
+    let instances = c.root.join("agent/instances");
+    c.wait(
+        "the app's instances to stop",
+        Duration::from_secs(60),
+        || {
+            let left = std::fs::read_dir(&instances)
+                .map(|d| d.count())
+                .unwrap_or(0);
+            (left == 0).then_some(())
+        },
+    );
+}
