@@ -25,9 +25,18 @@
 //!
 //! Bodies are streamed both ways, never buffered; HTTP/1.1 (keep-alive,
 //! upgrades such as WebSocket) and h2c are served on the same port.
+//!
+//! A router is replaced without refusing a connection: the new one takes
+//! the listening sockets from the running one (see [`handover`]), which
+//! then drains: it stops accepting, finishes the requests in flight, ends
+//! each HTTP/1 keep-alive connection with `Connection: close` on its next
+//! response, sends HTTP/2 connections GOAWAY, closes connections that stay
+//! idle for [`RouterConfig::drain_idle`], and returns from
+//! [`Router::serve`]. Asked to shut down, it drains the same way.
 
 mod body;
 mod demand;
+pub mod handover;
 mod metrics;
 mod proxy;
 mod routing;
@@ -38,6 +47,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,7 +58,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -72,6 +81,9 @@ pub enum RouterError {
     /// The route source could not produce a table.
     #[error("cannot fetch routes: {0}")]
     Source(String),
+    /// Taking over from a running router failed (it keeps serving).
+    #[error("cannot take over from the running router: {0}")]
+    Handover(#[from] handover::HandoverError),
     /// Any other I/O failure of the listener.
     #[error("router I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -103,6 +115,20 @@ pub struct RouterConfig {
     /// stealing or cross-thread wake-ups on the hot path. 0 serves on the
     /// caller's runtime instead. Default: one per CPU.
     pub threads: usize,
+    /// The hand-over socket (see [`handover`]): a router running there
+    /// hands its listening sockets over instead of this one binding, and
+    /// this one then listens there for its own successor. `None` (the
+    /// default) just binds. [`handover::default_socket_path`] derives one
+    /// from the listen address.
+    pub handover: Option<PathBuf>,
+    /// While draining, an HTTP/1 connection that sends no request for this
+    /// long is closed (one that does gets `Connection: close` on its
+    /// response). Clients that reuse connections sooner never see a close
+    /// they could race with a request. Default 5 s.
+    pub drain_idle: Duration,
+    /// Bound on draining: connections (and upgraded tunnels) still open
+    /// this long after draining began are cut. Default 10 s.
+    pub drain_timeout: Duration,
 }
 
 impl Default for RouterConfig {
@@ -114,6 +140,9 @@ impl Default for RouterConfig {
             wake_wait: Duration::from_secs(30),
             report_interval: Duration::from_secs(1),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            handover: None,
+            drain_idle: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -160,8 +189,10 @@ const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(10);
 const SOURCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one long-poll of the route table may be held by the source.
 const WATCH_WAIT: Duration = Duration::from_secs(20);
-/// How long open connections may keep running after shutdown is requested.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a router taking over waits for its first route table before
+/// it tells its predecessor to stop: requests it accepts before are held,
+/// not failed, but they wait; past this it serves anyway.
+const HANDOVER_ROUTES_WAIT: Duration = Duration::from_secs(5);
 /// Slow-loris guard: a client must send its request head within this.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connecting to an instance on the local network should take
@@ -206,6 +237,14 @@ pub(crate) struct Shared {
     /// Identifies this router in demand reports.
     router_id: String,
     report_interval: Duration,
+    /// Set when draining begins: HTTP/1 responses then carry
+    /// `Connection: close`.
+    draining: AtomicBool,
+    /// Upgraded connections (WebSocket tunnels) open, which draining waits
+    /// for: they outlive the HTTP connection they came from.
+    tunnels: watch::Sender<usize>,
+    drain_idle: Duration,
+    drain_timeout: Duration,
 }
 
 impl Shared {
@@ -393,13 +432,18 @@ impl Drop for FetchDone<'_> {
 
 /// A bound, not yet serving, router.
 pub struct Router {
-    /// One per serving thread (all on the same address), or one served on
-    /// the caller's runtime.
+    /// All on the same address: one or more per serving thread, or all
+    /// served on the caller's runtime.
     listeners: Vec<std::net::TcpListener>,
     threaded: bool,
+    threads: usize,
     local_addr: SocketAddr,
     refresh_interval: Duration,
     shared: Arc<Shared>,
+    /// The router we took the listeners from, told to drain once we serve.
+    predecessor: Option<handover::Predecessor>,
+    /// Where our own successor will find us.
+    offer: Option<handover::Offer>,
 }
 
 /// Reads the router's per-app concurrency while it serves, for the
@@ -419,9 +463,11 @@ impl LoadReport {
 }
 
 impl Router {
-    /// Binds the listener (so callers know the port before serving; port 0
-    /// is allowed) and prepares the upstream client. Serves nothing until
-    /// [`Router::serve`].
+    /// Takes the listening sockets over from the router at
+    /// [`RouterConfig::handover`], if one runs there, else binds them (so
+    /// callers know the port before serving; port 0 is allowed), and
+    /// prepares the upstream client. Serves nothing until
+    /// [`Router::serve`]; a predecessor keeps serving until then.
     pub async fn bind(
         config: RouterConfig,
         source: Arc<dyn RouteSource>,
@@ -429,12 +475,38 @@ impl Router {
         let bind_err =
             |addr: SocketAddr| move |source: std::io::Error| RouterError::Bind { addr, source };
         let threaded = config.threads > 0;
+        let threads = config.threads.clamp(1, handover::MAX_LISTENERS);
+
+        let mut predecessor = None;
         let mut listeners = Vec::new();
-        let local_addr = if threaded {
+        if let Some(path) = &config.handover {
+            if let Some((p, taken)) = handover::take_over(path, config.listen).await? {
+                tracing::info!(addr = %config.listen, path = %path.display(), listeners = taken.len(),
+                    "taking over the listening sockets of the running router");
+                predecessor = Some(p);
+                listeners = taken;
+            }
+        }
+        let local_addr = if let Some(first) = listeners.first() {
+            let addr = first.local_addr()?;
+            // A predecessor with fewer threads: more listeners join its
+            // `SO_REUSEPORT` group (impossible, and skipped, if it had a
+            // single plain listener).
+            while threaded && listeners.len() < threads {
+                match reuseport_listener(addr) {
+                    Ok(l) => listeners.push(l),
+                    Err(error) => {
+                        tracing::debug!(%error, "serving on the listeners taken over only");
+                        break;
+                    }
+                }
+            }
+            addr
+        } else if threaded {
             let first = reuseport_listener(config.listen).map_err(bind_err(config.listen))?;
             let addr = first.local_addr()?;
             listeners.push(first);
-            for _ in 1..config.threads {
+            for _ in 1..threads {
                 listeners.push(reuseport_listener(addr).map_err(bind_err(addr))?);
             }
             addr
@@ -445,6 +517,10 @@ impl Router {
             let addr = l.local_addr()?;
             listeners.push(l.into_std()?);
             addr
+        };
+        let offer = match &config.handover {
+            Some(path) => Some(handover::Offer::bind(path, &listeners)?),
+            None => None,
         };
         let client = build_client();
 
@@ -464,19 +540,32 @@ impl Router {
             watching: AtomicBool::new(false),
             router_id: format!("router-{}-{:08x}", local_addr, rand::random::<u32>()),
             report_interval: config.report_interval.max(Duration::from_millis(100)),
+            draining: AtomicBool::new(false),
+            tunnels: watch::channel(0).0,
+            drain_idle: config.drain_idle,
+            drain_timeout: config.drain_timeout,
         });
         Ok(Router {
             listeners,
             threaded,
+            threads,
             local_addr,
             refresh_interval: config.refresh_interval.max(MIN_REFRESH_INTERVAL),
             shared,
+            predecessor,
+            offer,
         })
     }
 
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Whether [`Router::bind`] took the listening sockets over from a
+    /// running router (which drains once this one serves).
+    pub fn took_over(&self) -> bool {
+        self.predecessor.is_some()
     }
 
     /// A handle to read per-app concurrency while the router serves.
@@ -487,8 +576,9 @@ impl Router {
     }
 
     /// Refreshes the route table in the background and serves connections
-    /// until `shutdown` completes; then stops accepting, lets open requests
-    /// finish (up to a grace period) and returns.
+    /// until `shutdown` completes or a successor has taken the listening
+    /// sockets over; then drains (stops accepting, lets open requests
+    /// finish, closes connections; see the crate docs) and returns.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -496,25 +586,47 @@ impl Router {
         let Router {
             listeners,
             threaded,
+            threads,
             local_addr,
             refresh_interval,
             shared,
+            predecessor,
+            mut offer,
         } = self;
 
         let refresher = tokio::spawn(shared.clone().watch_routes(refresh_interval));
         let reporter = tokio::spawn(demand::report_loop(shared.clone()));
-        tracing::info!(addr = %local_addr, domain = %shared.domain, threads = listeners.len(),
+
+        // Listener i is served by thread i mod n.
+        let n = if threaded {
+            threads.min(listeners.len())
+        } else {
+            1
+        };
+        let mut groups: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
+        for (i, l) in listeners.into_iter().enumerate() {
+            groups[i % n].push(l);
+        }
+        tracing::info!(addr = %local_addr, domain = %shared.domain, threads = n,
+            handover = ?offer.as_ref().map(|o| o.path().display().to_string()),
             "router listening");
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut workers = Vec::new();
         let mut local = None;
-        for (i, listener) in listeners.into_iter().enumerate() {
+        for (i, group) in groups.into_iter().enumerate() {
             let shared = shared.clone();
             let stop = stop_rx.clone();
             if !threaded {
-                let listener = TcpListener::from_std(listener)?;
-                local = Some(tokio::spawn(accept_loop(listener, shared, stop)));
+                let mut set = tokio::task::JoinSet::new();
+                for l in group {
+                    set.spawn(accept_loop(
+                        TcpListener::from_std(l)?,
+                        shared.clone(),
+                        stop.clone(),
+                    ));
+                }
+                local = Some(set);
                 continue;
             }
             let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -535,33 +647,78 @@ impl Router {
                         *c.borrow_mut() = Some(runtime.block_on(async { build_client() }))
                     });
                     runtime.block_on(async move {
-                        match TcpListener::from_std(listener) {
-                            Ok(l) => accept_loop(l, shared, stop).await,
-                            Err(error) => tracing::error!(%error, "cannot use a router listener"),
+                        let mut set = tokio::task::JoinSet::new();
+                        for l in group {
+                            match TcpListener::from_std(l) {
+                                Ok(l) => {
+                                    set.spawn(accept_loop(l, shared.clone(), stop.clone()));
+                                }
+                                Err(error) => {
+                                    tracing::error!(%error, "cannot use a router listener")
+                                }
+                            }
                         }
+                        while set.join_next().await.is_some() {}
                     });
                     drop(done_tx);
                 })?;
             workers.push(done_rx);
         }
 
-        shutdown.await;
+        if let Some(p) = predecessor {
+            // Serve with a route table before the old router stops: requests
+            // accepted before it is loaded would be held, not failed, but
+            // would wait for it.
+            if tokio::time::timeout(HANDOVER_ROUTES_WAIT, shared.refresh_since(Instant::now()))
+                .await
+                .is_err()
+            {
+                tracing::warn!("no route table yet; taking over anyway");
+            }
+            match p.release().await {
+                Ok(()) => tracing::info!(addr = %local_addr, "took over from the running router"),
+                // It drains anyway once it sees us go (or keeps serving
+                // beside us): either way no connection is refused.
+                Err(error) => tracing::warn!(%error, "could not tell the old router to drain"),
+            }
+        }
+
+        let handed_over = tokio::select! {
+            _ = shutdown => false,
+            _ = async {
+                match offer.as_mut() {
+                    Some(o) => o.hand_over().await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+        };
+        if let Some(o) = offer.take() {
+            if !handed_over {
+                o.remove();
+            }
+            // Closes our duplicates of the listening sockets too: without a
+            // successor, the kernel sockets close with the workers' copies.
+        }
+        tracing::info!(addr = %local_addr, handed_over, "router draining");
+        shared.draining.store(true, Ordering::Relaxed);
         let _ = stop_tx.send(true);
-        if let Some(l) = local {
-            let _ = l.await;
+        if let Some(mut set) = local {
+            while set.join_next().await.is_some() {}
         }
         for w in workers {
-            // Each worker ends within the grace period (see `accept_loop`).
+            // Each worker ends within the drain timeout (see `accept_loop`).
             let _ = w.await;
         }
         refresher.abort();
         reporter.abort();
+        tracing::info!(addr = %local_addr, "router stopped");
         Ok(())
     }
 }
 
 /// Serves the connections of one listener until `stop`; then stops
-/// accepting, lets open requests finish (up to a grace period) and returns.
+/// accepting and drains its connections (see the crate docs), within the
+/// drain timeout, and returns.
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -571,8 +728,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
 
-    let graceful = GracefulShutdown::new();
-    // Connection tasks, so that any still open after the grace period
+    // Connection tasks, so that any still open after the drain timeout
     // can be ended rather than outliving `serve`.
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -587,22 +743,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                 Ok((stream, peer)) => {
                     // Best effort: only latency suffers if it fails.
                     let _ = stream.set_nodelay(true);
-                    let shared = shared.clone();
-                    let client = proxy::Peer::new(peer);
-                    let service = service_fn(move |req| {
-                        let shared = shared.clone();
-                        let client = client.clone();
-                        async move { Ok::<_, Infallible>(shared.handle(req, client).await) }
-                    });
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    let conn = graceful.watch(conn);
-                    conns.spawn(async move {
-                        if let Err(error) = conn.await {
-                            tracing::debug!(%peer, %error, "client connection ended with an error");
-                        }
-                    });
+                    let conn = serve_connection(&builder, stream, peer, shared.clone(), stop.clone());
+                    conns.spawn(conn);
                 }
                 Err(error) => {
                     // Usually out of file descriptors: back off instead of
@@ -614,19 +756,99 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         }
     }
 
+    // Stop accepting. After a hand-over the kernel socket lives on in the
+    // successor, which accepts what is queued; otherwise it closes here.
     drop(listener);
-    tracing::debug!("router thread shutting down; letting open requests finish");
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let deadline = tokio::time::Instant::now() + shared.drain_timeout;
+    tracing::debug!(open = conns.len(), "draining connections");
+    let drained = tokio::time::timeout_at(deadline, async {
+        while conns.join_next().await.is_some() {}
+        let _ = shared.tunnels.subscribe().wait_for(|n| *n == 0).await;
+    })
+    .await;
+    if drained.is_err() {
         tracing::warn!(
             open = conns.len(),
-            "connections still open {}s after shutdown; closing them",
-            SHUTDOWN_GRACE.as_secs()
+            tunnels = *shared.tunnels.borrow(),
+            "connections still open {}s after draining began; closing them",
+            shared.drain_timeout.as_secs()
         );
         conns.abort_all();
     }
     // Tasks (upgraded tunnels, streaming bodies) end with the runtime.
     conns.shutdown().await;
+}
+
+/// One client connection, from accept to close, including its part in
+/// draining: HTTP/2 gets GOAWAY at once (in-flight streams finish); HTTP/1
+/// is told `Connection: close` on its next response (see the service) and
+/// closed if it stays idle for the drain-idle bound.
+fn serve_connection(
+    builder: &auto::Builder<TokioExecutor>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let client = proxy::Peer::new(peer);
+    // Set once the connection turns out to speak HTTP/2.
+    let h2 = Arc::new(AtomicBool::new(false));
+    let drain_idle = shared.drain_idle;
+    let service = {
+        let h2 = h2.clone();
+        service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let shared = shared.clone();
+            let client = client.clone();
+            let http1 = req.version() < hyper::Version::HTTP_2;
+            if !http1 {
+                h2.store(true, Ordering::Relaxed);
+            }
+            async move {
+                let mut resp = shared.clone().handle(req, client).await;
+                if http1
+                    && shared.draining.load(Ordering::Relaxed)
+                    && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    resp.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .into_owned();
+    async move {
+        let mut conn = std::pin::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => Some(r),
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => None,
+        };
+        let result = match result {
+            Some(r) => r,
+            None => {
+                let idle_closed = if h2.load(Ordering::Relaxed) {
+                    None
+                } else {
+                    tokio::select! {
+                        r = conn.as_mut() => Some(r),
+                        _ = tokio::time::sleep(drain_idle) => None,
+                    }
+                };
+                match idle_closed {
+                    Some(r) => r,
+                    None => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%peer, %error, "client connection ended with an error");
+        }
+    }
 }

@@ -827,9 +827,12 @@ impl Shared {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let (parts, _) = resp.into_parts();
             let app = entry.name.clone();
+            let tunnel = Tunnel::open(&self.tunnels);
             tokio::spawn(async move {
-                // The request stays counted until the tunnel closes.
+                // The request stays counted until the tunnel closes, and a
+                // draining router waits for it.
                 let _guards = guards;
+                let _tunnel = tunnel;
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((client, upstream)) => {
                         let mut client = TokioIo::new(client);
@@ -857,6 +860,22 @@ impl Shared {
                 _guards: guards,
             },
         )
+    }
+}
+
+/// Counts an upgraded connection as open while it lives.
+struct Tunnel(tokio::sync::watch::Sender<usize>);
+
+impl Tunnel {
+    fn open(count: &tokio::sync::watch::Sender<usize>) -> Tunnel {
+        count.send_modify(|n| *n += 1);
+        Tunnel(count.clone())
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

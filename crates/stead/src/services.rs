@@ -114,6 +114,20 @@ pub struct RouterArgs {
     /// zero, restarting) is held before it gets 503.
     #[arg(long, default_value = "30s", value_parser = crate::scale::parse_duration)]
     pub wake_timeout: Duration,
+    /// Unix socket through which a router started for the same address
+    /// takes the listening socket over from this one (which then drains), so
+    /// an upgrade refuses no connection. Default: derived from --listen,
+    /// under $XDG_RUNTIME_DIR/stead, /run/stead (root) or /tmp/stead-UID.
+    #[arg(long)]
+    pub handover_socket: Option<PathBuf>,
+    /// Neither take over from a running router nor offer to hand over: just
+    /// bind.
+    #[arg(long, conflicts_with = "handover_socket")]
+    pub no_handover: bool,
+    /// Bound on draining (after a hand-over or SIGTERM): connections still
+    /// open this long are cut.
+    #[arg(long, default_value = "10s", value_parser = crate::scale::parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -208,8 +222,23 @@ pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
     let source = Arc::new(stead_router::ApiRouteSource::new(args.server, args.token));
     let mut config = router_config(args.listen, args.domain);
     config.wake_wait = args.wake_timeout;
+    config.drain_timeout = args.drain_timeout;
+    if !args.no_handover {
+        config.handover = Some(
+            args.handover_socket
+                .unwrap_or_else(|| stead_router::handover::default_socket_path(args.listen)),
+        );
+    }
     let router = stead_router::Router::bind(config, source).await?;
-    eprintln!("stead router listening on http://{}", router.local_addr());
+    let how = if router.took_over() {
+        " (took over from the running router)"
+    } else {
+        ""
+    };
+    eprintln!(
+        "stead router listening on http://{}{how}",
+        router.local_addr()
+    );
     router.serve(shutdown_signal()).await?;
     Ok(())
 }
