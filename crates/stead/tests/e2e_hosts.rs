@@ -86,6 +86,10 @@ struct Host {
     data_dir: PathBuf,
     log: PathBuf,
     agent: Option<Child>,
+    /// The agent's `--server` list, token and builds flag, to start it again.
+    servers: String,
+    token: String,
+    builds: bool,
 }
 
 impl Host {
@@ -108,6 +112,9 @@ impl Host {
             data_dir: root.join(format!("host-{index}")),
             log: root.join(format!("agent-{index}.log")),
             agent: None,
+            servers: String::new(),
+            token: token.to_string(),
+            builds,
         };
         must(&[
             "ip", "link", "add", &veth_root, "type", "veth", "peer", "name", &veth_ns,
@@ -137,6 +144,7 @@ impl Host {
             &veth_ns,
         ]);
         ns(&["ip", "link", "set", &veth_ns, "up"]);
+        // `server`: one or more `ip:port`, comma-separated, on one address.
         let server_ip = server.split(':').next().unwrap_or(server);
         ns(&[
             "ip",
@@ -147,11 +155,44 @@ impl Host {
             &net(1),
         ]);
         let mut host = host;
-        host.start_agent(server, token, builds);
+        host.servers = server
+            .split(',')
+            .map(|s| format!("http://{s}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        host.agent = Some(host.spawn_agent());
         host
     }
 
-    fn start_agent(&mut self, server_ip: &str, token: &str, builds: bool) {
+    /// Starts a new agent on the host's data directory while the old one
+    /// runs: it takes over; waits for the old one to exit cleanly.
+    fn replace_agent(&mut self, within: Duration) {
+        let new = self.spawn_agent();
+        if let Some(mut old) = self.agent.take() {
+            let deadline = Instant::now() + within;
+            let status = loop {
+                if let Ok(Some(s)) = old.try_wait() {
+                    break s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: the old agent did not hand over:\n{}",
+                    self.name,
+                    self.agent_log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(
+                status.success(),
+                "{}: old agent exit {status}:\n{}",
+                self.name,
+                self.agent_log()
+            );
+        }
+        self.agent = Some(new);
+    }
+
+    fn spawn_agent(&self) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -160,15 +201,15 @@ impl Host {
         // nsenter, not `ip netns exec`: only the network namespace changes
         // (`ip netns exec` also remounts /sys, hiding the cgroup hierarchy
         // the sandboxes need).
-        let child = Command::new("nsenter")
+        Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.netns))
             .args(["--", BIN, "agent"])
-            .args(["--server", &format!("http://{server_ip}")])
-            .args(["--token", token])
+            .args(["--server", &self.servers])
+            .args(["--token", &self.token])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--name", &self.name, "--advertise-ip", &self.ip])
-            .args(if builds {
+            .args(if self.builds {
                 &[][..]
             } else {
                 &["--no-builds"][..]
@@ -178,8 +219,7 @@ impl Host {
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .expect("spawn agent");
-        self.agent = Some(child);
+            .expect("spawn agent")
     }
 
     /// Drops the host's link: it can neither reach the control plane nor
@@ -327,24 +367,80 @@ impl Drop for Forwarder {
     }
 }
 
-struct Proc(Option<Child>, PathBuf);
+struct Proc(Option<Child>, PathBuf, Vec<String>);
 
 impl Proc {
     fn start(log: PathBuf, args: &[String]) -> Proc {
+        let child = Self::spawn(&log, args);
+        Proc(Some(child), log, args.to_vec())
+    }
+
+    fn spawn(log: &Path, args: &[String]) -> Child {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log)
+            .open(log)
             .expect("log");
-        let child = Command::new(BIN)
+        Command::new(BIN)
             .args(args)
             .env("STEAD_LOG", "info,sqlx=warn")
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("log"))
             .stderr(f)
             .spawn()
-            .expect("spawn");
-        Proc(Some(child), log)
+            .expect("spawn")
+    }
+
+    /// SIGTERM, wait for a clean exit (at most `within`), start again.
+    fn restart_gracefully(&mut self, within: Duration) {
+        if let Some(mut c) = self.0.take() {
+            sh(&["kill", "-15", &c.id().to_string()]);
+            let deadline = Instant::now() + within;
+            let status = loop {
+                if let Ok(Some(s)) = c.try_wait() {
+                    break s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no exit after SIGTERM:\n{}",
+                    self.text()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(
+                status.success(),
+                "exit after SIGTERM: {status}\n{}",
+                self.text()
+            );
+        }
+        self.0 = Some(Self::spawn(&self.1, &self.2));
+    }
+
+    /// Starts a second process with the same arguments, which takes over
+    /// from the running one; waits (at most `within`) for the old one to
+    /// exit cleanly.
+    fn replace(&mut self, within: Duration) {
+        let new = Self::spawn(&self.1, &self.2);
+        if let Some(mut old) = self.0.take() {
+            let deadline = Instant::now() + within;
+            let status = loop {
+                if let Ok(Some(s)) = old.try_wait() {
+                    break s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the old process did not hand over and exit:\n{}",
+                    self.text()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(
+                status.success(),
+                "the old process exited with {status}\n{}",
+                self.text()
+            );
+        }
+        self.0 = Some(new);
     }
     fn text(&self) -> String {
         tail(&std::fs::read_to_string(&self.1).unwrap_or_default(), 60)
@@ -370,6 +466,8 @@ struct Cluster {
     hosts: Vec<Host>,
     builder: Option<Proc>,
     server: Proc,
+    /// A second control-plane replica on the same database, if asked for.
+    server2: Option<Proc>,
     router_proc: Proc,
     _forwarder: Option<Forwarder>,
     _addr: ServerAddr,
@@ -393,6 +491,19 @@ impl Cluster {
         hosts: u32,
         host_timeout: &str,
         app_databases: bool,
+    ) -> Cluster {
+        Self::start_full(root, test, hosts, host_timeout, app_databases, false)
+    }
+
+    /// With `two_replicas`, a second `stead server` on the same database
+    /// (and secret key), and every agent and the router given both.
+    fn start_full(
+        root: &Path,
+        test: u32,
+        hosts: u32,
+        host_timeout: &str,
+        app_databases: bool,
+        two_replicas: bool,
     ) -> Cluster {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let pg = rt.block_on(stead_store::testing::postgres_database());
@@ -420,31 +531,56 @@ impl Cluster {
             extra.push(admin.replace(&pg_addr, &f.addr));
             forwarder = Some(f);
         }
-        let server = Proc::start(
-            root.join("server.log"),
-            &[
-                "server".into(),
-                "--database".into(),
-                db.clone(),
-                "--listen".into(),
-                server_ip.clone(),
-                "--data-dir".into(),
-                root.join("server").display().to_string(),
-                "--router-url".into(),
-                router.clone(),
-                "--host-timeout".into(),
-                host_timeout.into(),
+        let server_args = |listen: &str, data: &str| -> Vec<String> {
+            [
+                "server",
+                "--database",
+                &db,
+                "--listen",
+                listen,
+                "--data-dir",
+                &root.join(data).display().to_string(),
+                "--router-url",
+                &router,
+                "--host-timeout",
+                host_timeout,
+                "--secret-key-file",
+                &root.join("secret.key").display().to_string(),
             ]
             .into_iter()
-            .chain(extra)
-            .collect::<Vec<String>>(),
-        );
+            .map(str::to_string)
+            .chain(extra.iter().cloned())
+            .collect()
+        };
+        let server = Proc::start(root.join("server.log"), &server_args(&server_ip, "server"));
+        let (server2, servers) = if two_replicas {
+            // After the first has written the key file both use.
+            common::wait_until(
+                "the first replica",
+                Duration::from_secs(60),
+                || server.text(),
+                || {
+                    let r = reqwest::blocking::get(format!("http://{server_ip}/v1/health")).ok()?;
+                    r.status().is_success().then_some(())
+                },
+            );
+            let second = format!("{}:{}", addr.ip, free_port());
+            let p = Proc::start(root.join("server2.log"), &server_args(&second, "server2"));
+            (Some(p), format!("{server_ip},{second}"))
+        } else {
+            (None, server_ip.clone())
+        };
+        let server_urls = servers
+            .split(',')
+            .map(|s| format!("http://{s}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let router_proc = Proc::start(
             root.join("router.log"),
             &[
                 "router".into(),
                 "--server".into(),
-                api.clone(),
+                server_urls.clone(),
                 "--token".into(),
                 host_token.clone(),
                 "--listen".into(),
@@ -460,6 +596,7 @@ impl Cluster {
             hosts: Vec::new(),
             builder: None,
             server,
+            server2,
             router_proc,
             _forwarder: forwarder,
             _addr: addr,
@@ -472,6 +609,12 @@ impl Cluster {
             || {
                 let http = c.http();
                 let api = http.get(format!("{}/v1/health", c.api)).send().ok()?;
+                for url in server_urls.split(',') {
+                    let r = http.get(format!("{url}/v1/health")).send().ok()?;
+                    if !r.status().is_success() {
+                        return None;
+                    }
+                }
                 let r = http
                     .get(format!("{}/_stead/health", c.router))
                     .send()
@@ -485,7 +628,7 @@ impl Cluster {
                 &[
                     "agent".into(),
                     "--server".into(),
-                    c.api.clone(),
+                    server_urls.clone(),
                     "--token".into(),
                     host_token.clone(),
                     "--data-dir".into(),
@@ -500,7 +643,7 @@ impl Cluster {
             c.ok_with(&host_token, &["hosts", "drain", "builder"]);
         }
         for i in 0..hosts {
-            let h = Host::new(root, test, i + 1, &server_ip, &host_token, !app_databases);
+            let h = Host::new(root, test, i + 1, &servers, &host_token, !app_databases);
             c.hosts.push(h);
         }
         c.wait("every host to register", Duration::from_secs(60), || {
@@ -636,7 +779,12 @@ impl Load {
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let url = format!("{router}/apps/{app}/");
+        // `app`, or `app/path` for a path of the app's.
+        let url = if app.contains('/') {
+            format!("{router}/apps/{app}")
+        } else {
+            format!("{router}/apps/{app}/")
+        };
         let threads = (0..threads)
             .map(|_| {
                 let (stop, ok, failed, errors, url) = (
@@ -1065,4 +1213,149 @@ fn a_killed_host_s_workflow_completes_on_another_host() {
         "host kill: workflow {wf} completed on {finisher_host} {:.1} s after every process of {victim_host} was killed (host timeout 3 s)",
         took.as_secs_f64()
     );
+}
+
+/// Upgrading every process of the platform one at a time under a steady
+/// request load: both control-plane replicas (SIGTERM, start again; the
+/// others fail over), the router (a new one takes its listening socket
+/// over), and each agent, the builder's too (a new one takes its
+/// instances' sockets over), while a workflow runs. No request fails, no
+/// instance is restarted or runs twice, and the workflow completes with
+/// every step once.
+#[test]
+fn upgrading_every_process_one_by_one_fails_no_request() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start_full(tmp.path(), 3, 2, "10s", true, true);
+    // One instance of `web` per host, and a DBOS app with a workflow.
+    c.ok(&[
+        "deploy",
+        app_dir(tmp.path(), "web", 2).to_str().expect("p"),
+        "--timeout",
+        "600",
+    ]);
+    let app = "wf-upgrade";
+    let dir = common::copy_example("dbos-python", tmp.path());
+    c.ok(&[
+        "deploy",
+        dir.to_str().expect("p"),
+        "--app",
+        app,
+        "--timeout",
+        "900",
+    ]);
+    c.wait("web on both hosts", Duration::from_secs(120), || {
+        let ready: std::collections::BTreeSet<String> = c
+            .instances("web")
+            .into_iter()
+            .filter(|(_, state)| state == "ready")
+            .map(|(h, _)| h)
+            .collect();
+        (ready.len() == 2).then_some(())
+    });
+    let resp = c
+        .http()
+        .post(format!(
+            "{}/apps/{app}/workflows/start?steps=3&step_seconds=0.3&gate=g&gate_step=2",
+            c.router
+        ))
+        .send()
+        .expect("start workflow");
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let wf = resp.json::<Value>().expect("json")["workflow_id"]
+        .as_str()
+        .expect("workflow id")
+        .to_string();
+    c.wait("step 2 to start", Duration::from_secs(60), || {
+        (count(&executions(&c, app), &wf, 2, "start") > 0).then_some(())
+    });
+    // Every instance that runs, by id, host and process.
+    let running = |c: &Cluster| -> Vec<String> {
+        let mut all = Vec::new();
+        for a in ["web", app] {
+            let v: Value =
+                serde_json::from_str(&c.ok(&["apps", "status", a, "--json"])).expect("json");
+            for i in v["instances"].as_array().expect("instances") {
+                if i["state"] != "exited" {
+                    all.push(format!(
+                        "{} {} {} {}",
+                        i["id"], i["host"], i["pid"], i["state"]
+                    ));
+                }
+            }
+        }
+        all.sort();
+        all
+    };
+    let before = running(&c);
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    let web = Load::start(&c.router, "web", 2);
+    let wf_path = format!("{app}/workflows/{wf}");
+    let durable = Load::start(&c.router, &wf_path, 1);
+    let progress = |c: &Cluster, what: &str| {
+        let (a, b) = (
+            web.ok.load(Ordering::Relaxed),
+            durable.ok.load(Ordering::Relaxed),
+        );
+        c.wait(what, Duration::from_secs(60), || {
+            (web.ok.load(Ordering::Relaxed) >= a + 20
+                && durable.ok.load(Ordering::Relaxed) >= b + 5)
+                .then_some(())
+        });
+    };
+    progress(&c, "requests before the upgrade");
+
+    c.server.restart_gracefully(Duration::from_secs(30));
+    progress(&c, "requests after replica 1 restarted");
+    if let Some(s) = c.server2.as_mut() {
+        s.restart_gracefully(Duration::from_secs(30));
+    }
+    progress(&c, "requests after replica 2 restarted");
+    c.router_proc.replace(Duration::from_secs(30));
+    progress(&c, "requests after the router was replaced");
+    for i in 0..c.hosts.len() {
+        c.hosts[i].replace_agent(Duration::from_secs(60));
+        progress(&c, "requests after an agent was replaced");
+    }
+    if let Some(b) = c.builder.as_mut() {
+        b.replace(Duration::from_secs(60));
+    }
+    progress(&c, "requests after the builder agent was replaced");
+
+    let (web_ok, web_failed, web_errors) = web.finish();
+    let (wf_ok, wf_failed, wf_errors) = durable.finish();
+    println!(
+        "rolling upgrade of 2 replicas, the router and 3 agents: {web_ok} + {wf_ok} requests answered, {web_failed} + {wf_failed} failed"
+    );
+    assert_eq!(
+        web_failed,
+        0,
+        "failed requests to web: {web_errors:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        wf_failed,
+        0,
+        "failed requests to {app}: {wf_errors:?}\n{}",
+        c.logs()
+    );
+    let after = running(&c);
+    assert_eq!(before, after, "instances restarted or duplicated");
+
+    let gate = c
+        .http()
+        .post(format!("{}/apps/{app}/gates/g", c.router))
+        .send()
+        .expect("gate");
+    assert!(gate.status().is_success(), "{}", gate.status());
+    c.wait("the workflow to complete", Duration::from_secs(60), || {
+        let out = c.cli_with(&c.user_token, &["workflows", "get", app, &wf, "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["status"] == "SUCCESS").then_some(())
+    });
+    let ex = all_executions(&c, app);
+    for step in 1..=3 {
+        assert_eq!(count(&ex, &wf, step, "start"), 1, "step {step}: {ex:?}");
+        assert_eq!(count(&ex, &wf, step, "end"), 1, "step {step}: {ex:?}");
+    }
 }
