@@ -410,7 +410,7 @@ async fn populate(s: &TestServer, apps: u32) {
         .await
         .unwrap();
     let config = stead_api::AppConfig::from_stead_toml(
-        "name = \"x\"\n[run]\nstart = \"./server\"\nport = 8000\n[resources]\nmemory_mb = 64\n[scale]\nmin = 5\nmax = 20\n",
+        "name = \"bench\"\n[run]\nstart = \"./server\"\nport = 8000\n[resources]\nmemory_mb = 64\n[scale]\nmin = 5\nmax = 20\n",
     )
     .unwrap();
     let now = now_ms();
