@@ -69,9 +69,14 @@ fn install_counter() {
     let log = tracing_subscriber::fmt::layer()
         .with_test_writer()
         .with_filter(
-            tracing_subscriber::filter::Targets::new()
-                .with_default(tracing::Level::WARN)
-                .with_target("sqlx", tracing::level_filters::LevelFilter::OFF),
+            std::env::var("STEAD_BENCH_LOG")
+                .ok()
+                .and_then(|v| v.parse::<tracing_subscriber::filter::Targets>().ok())
+                .unwrap_or_else(|| {
+                    tracing_subscriber::filter::Targets::new()
+                        .with_default(tracing::Level::WARN)
+                        .with_target("sqlx", tracing::level_filters::LevelFilter::OFF)
+                }),
         );
     let _ = tracing::subscriber::set_global_default(
         tracing_subscriber::registry().with(counter).with(log),
@@ -265,7 +270,8 @@ async fn fake_host(
                 published = now;
                 acked.changed.notify_waiters();
                 let held = sent.elapsed() >= POLL / 2;
-                again = resp.etag.is_some() && (held || resp.etag != etag);
+                // As the agent: after news, long-poll again at once.
+                again = resp.etag.is_some() && (held || resp.etag != etag || news);
                 etag = resp.etag;
                 intended = Some(resp.intended);
             }
@@ -459,12 +465,19 @@ async fn populate(s: &TestServer, apps: u32) {
 }
 
 async fn scale(s: &TestServer, app: &str, min: u32) {
+    scale_to(s, app, json!({"min": min})).await
+}
+
+/// Lowering `min` alone waits out the autoscaler's scale-down delay (by
+/// design); clamping with `max` applies at once, so that is the change
+/// measured for stopping an instance.
+async fn scale_to(s: &TestServer, app: &str, body: serde_json::Value) {
     let (st, v) = send(
         s.user(Method::POST, &format!("/v1/apps/{app}/scale"))
-            .json(&json!({"min": min})),
+            .json(&body),
     )
     .await;
-    assert_eq!(st, StatusCode::OK, "scale {app} min {min}: {v}");
+    assert_eq!(st, StatusCode::OK, "scale {app} {body}: {v}");
 }
 
 async fn run_size(instances: u32, changes: usize, window: Duration) {
@@ -553,8 +566,9 @@ async fn run_size(instances: u32, changes: usize, window: Duration) {
         raised.push(app);
         made += 1;
         if let Some(prev) = (raised.len() > 4).then(|| raised.remove(0)) {
-            scale(&s, &prev, PER_APP).await;
-            made += 1;
+            scale_to(&s, &prev, json!({"min": PER_APP, "max": PER_APP})).await;
+            scale_to(&s, &prev, json!({"max": 20})).await;
+            made += 2;
         }
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
@@ -566,7 +580,8 @@ async fn run_size(instances: u32, changes: usize, window: Duration) {
         uptime()
     );
     for app in raised.drain(..) {
-        scale(&s, &app, PER_APP).await;
+        scale_to(&s, &app, json!({"min": PER_APP, "max": PER_APP})).await;
+        scale_to(&s, &app, json!({"max": 20})).await;
     }
     let _ = acked
         .wait(Duration::from_secs(60), |a| {
@@ -579,7 +594,14 @@ async fn run_size(instances: u32, changes: usize, window: Duration) {
     let mut up = Vec::new();
     let mut down = Vec::new();
     for _ in 0..changes {
-        let app = names[next(names.len())].clone();
+        let mut app = names[next(names.len())].clone();
+        // An app still scaling down from the low-rate phase is skipped.
+        for _ in 0..100 {
+            if acked.get(&app) == (PER_APP, PER_APP) {
+                break;
+            }
+            app = names[next(names.len())].clone();
+        }
         let before = acked.get(&app);
         assert_eq!(before.0, PER_APP, "{app} has {before:?} before the change");
         let t0 = Instant::now();
@@ -592,7 +614,7 @@ async fn run_size(instances: u32, changes: usize, window: Duration) {
             None => panic!("scaling {app} up was not enacted within 60 s"),
         }
         let t0 = Instant::now();
-        scale(&s, &app, PER_APP).await;
+        scale_to(&s, &app, json!({"min": PER_APP, "max": PER_APP})).await;
         let waited = acked
             .wait(Duration::from_secs(60), |a| a.get(&app).0 == PER_APP)
             .await;
@@ -600,6 +622,7 @@ async fn run_size(instances: u32, changes: usize, window: Duration) {
             Some(_) => down.push(t0.elapsed().as_secs_f64()),
             None => panic!("scaling {app} down was not enacted within 60 s"),
         }
+        scale_to(&s, &app, json!({"max": 20})).await;
     }
     for (what, v) in [("up (+1 instance)", &mut up), ("down (-1 instance)", &mut down)] {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
