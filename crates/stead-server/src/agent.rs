@@ -98,7 +98,11 @@ pub(crate) async fn heartbeat(
     if outcome.changed {
         state.changed();
     }
-    tracing::trace!(ms = t0.elapsed().as_secs_f64() * 1000.0, changed = outcome.changed, "heartbeat stored");
+    tracing::trace!(
+        ms = t0.elapsed().as_secs_f64() * 1000.0,
+        changed = outcome.changed,
+        "heartbeat stored"
+    );
     crate::scaling::record_heartbeat_signals(&state, &req).await;
     // Long-poll: held (up to `wait_ms`) while the intended state is still
     // the one the agent has, so a change reaches it within milliseconds.
@@ -426,7 +430,14 @@ async fn compute_all(
                     continue;
                 }
                 let app = intended_app(
-                    host_id, &rec.name, version, count, &artifact, &v.config, env.clone(), true,
+                    host_id,
+                    &rec.name,
+                    version,
+                    count,
+                    &artifact,
+                    &v.config,
+                    env.clone(),
+                    true,
                 );
                 if let Some(h) = out.get_mut(host_id) {
                     h.apps.push(app);

@@ -195,7 +195,12 @@ pub(crate) async fn run_loop(state: AppState) {
                 tracing::warn!(error = %e, "autoscaler pass failed; retrying");
             }
         }
-        tokio::time::sleep(if holding { EVALUATE_EVERY } else { LEASE_TTL / 3 }).await;
+        tokio::time::sleep(if holding {
+            EVALUATE_EVERY
+        } else {
+            LEASE_TTL / 3
+        })
+        .await;
     }
 }
 
@@ -352,12 +357,24 @@ pub(crate) async fn record_heartbeat_signals(state: &AppState, req: &HeartbeatRe
             tracing::warn!(host = %req.host_id, error = %e, "cannot record CPU use");
         }
     }
-    if let Err(e) = state
+    match state
         .store
         .record_queued(&req.host_id, &req.queued_workflows)
         .await
     {
-        tracing::warn!(host = %req.host_id, error = %e, "cannot record queued workflows");
+        // New queued work can wake an app scaled to zero: decide for it
+        // now, not at the autoscaler's next pass.
+        Ok(ids) if !ids.is_empty() => match evaluate_scope(state, Some(&ids)).await {
+            Ok(d) if d.changed => state.changed(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(host = %req.host_id, error = %e, "cannot evaluate the apps with queued workflows")
+            }
+        },
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(host = %req.host_id, error = %e, "cannot record queued workflows")
+        }
     }
 }
 

@@ -173,8 +173,10 @@ async fn fake_host(
     let reg: stead_api::RegisterResponse = client
         .post(format!("{base}/v1/agent/register"))
         .bearer_auth(&token)
-        .json(&json!({"name": name, "capacity": {"memory_mb": 1_000_000, "cpus": 64},
-            "backends": ["process"], "agent_version": "bench"}))
+        .json(
+            &json!({"name": name, "capacity": {"memory_mb": 1_000_000, "cpus": 64},
+            "backends": ["process"], "agent_version": "bench"}),
+        )
         .send()
         .await
         .unwrap()
@@ -190,8 +192,10 @@ async fn fake_host(
     let policy = Policy::default();
     let mut seq = 0u64;
     loop {
-        let summary: Vec<(String, InstanceState)> =
-            instances.iter().map(|(id, i)| (id.clone(), i.state)).collect();
+        let summary: Vec<(String, InstanceState)> = instances
+            .iter()
+            .map(|(id, i)| (id.clone(), i.state))
+            .collect();
         let news = acknowledged.as_ref() != Some(&summary);
         let req = HeartbeatRequest {
             host_id: reg.host_id.clone(),
@@ -424,12 +428,7 @@ async fn populate(s: &TestServer, apps: u32) {
     for chunk in (0..apps).collect::<Vec<_>>().chunks(500) {
         let values: Vec<String> = chunk
             .iter()
-            .map(|i| {
-                format!(
-                    "('app{i:05}', {}, 1, 1, {PER_APP}, 20, {now})",
-                    org.0
-                )
-            })
+            .map(|i| format!("('app{i:05}', {}, 1, 1, {PER_APP}, 20, {now})", org.0))
             .collect();
         sqlx::raw_sql(&format!(
             "INSERT INTO apps (name, org_id, active_version, last_version, min_instances, max_instances, created_at) VALUES {}",
@@ -624,7 +623,10 @@ async fn run_size(instances: u32, changes: usize, window: Duration) {
         }
         scale_to(&s, &app, json!({"max": 20})).await;
     }
-    for (what, v) in [("up (+1 instance)", &mut up), ("down (-1 instance)", &mut down)] {
+    for (what, v) in [
+        ("up (+1 instance)", &mut up),
+        ("down (-1 instance)", &mut down),
+    ] {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         println!(
             "enactment {what}: n {}, median {:.3} s, p95 {:.3} s, p99 {:.3} s, max {:.3} s",

@@ -865,3 +865,55 @@ async fn fail_if_crash_looping(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+
+    fn inst(id: &str, state: InstanceState) -> ObservedInstance {
+        ObservedInstance {
+            id: id.into(),
+            app: "web".into(),
+            version: 1,
+            state,
+            executor_id: id.into(),
+            endpoint: Some("127.0.0.1:1".into()),
+            pid: Some(7),
+            started_at_ms: 5,
+            exit: None,
+            dbos_admin: false,
+        }
+    }
+
+    #[test]
+    fn digest_ignores_order_and_sees_every_stored_field() {
+        let a = inst("a", InstanceState::Ready);
+        let b = inst("b", InstanceState::Starting);
+        let base = observed_digest(&[a.clone(), b.clone()]);
+        assert_eq!(base, observed_digest(&[b.clone(), a.clone()]));
+        assert_ne!(base, observed_digest(std::slice::from_ref(&a)));
+        assert_ne!(base, observed_digest(&[]));
+        let changes: Vec<Box<dyn Fn(&mut ObservedInstance)>> = vec![
+            Box::new(|i| i.app = "api".into()),
+            Box::new(|i| i.version = 2),
+            Box::new(|i| i.state = InstanceState::Stopping),
+            Box::new(|i| i.executor_id = "other".into()),
+            Box::new(|i| i.endpoint = None),
+            Box::new(|i| i.pid = None),
+            Box::new(|i| i.started_at_ms = 6),
+            Box::new(|i| i.exit = Some("x".into())),
+            Box::new(|i| i.dbos_admin = true),
+        ];
+        for (n, change) in changes.iter().enumerate() {
+            let mut c = a.clone();
+            change(&mut c);
+            assert_ne!(base, observed_digest(&[c, b.clone()]), "change {n} unseen");
+        }
+        // Field boundaries are unambiguous: moving text between fields differs.
+        let mut x = inst("ab", InstanceState::Ready);
+        x.app = "c".into();
+        let mut y = inst("a", InstanceState::Ready);
+        y.app = "bc".into();
+        assert_ne!(observed_digest(&[x]), observed_digest(&[y]));
+    }
+}

@@ -221,8 +221,13 @@ impl Store {
     }
 
     /// Records the queued DBOS workflows a host reports per app (apps not
-    /// listed have none). Writes only what changed.
-    pub async fn record_queued(&self, host_id: &str, queued: &BTreeMap<String, u64>) -> Result<()> {
+    /// listed have none). Writes only what changed; returns the ids of the
+    /// apps whose count changed (their autoscaling decision is due).
+    pub async fn record_queued(
+        &self,
+        host_id: &str,
+        queued: &BTreeMap<String, u64>,
+    ) -> Result<Vec<i64>> {
         let rows = sqlx::query(
             "SELECT q.app_id AS app_id, a.name AS name, q.queued AS queued FROM app_queue q \
              JOIN apps a ON a.id = q.app_id WHERE q.host_id = $1",
@@ -244,13 +249,15 @@ impl Store {
                 .iter()
                 .any(|(app, _)| queued.get(app).copied().unwrap_or(0) == 0);
         if !changed {
-            return Ok(());
+            return Ok(Vec::new());
         }
         self.retry("record_queued", || async {
             let now = now_ms();
             let mut tx = self.pool.begin().await?;
+            let mut ids = Vec::new();
             for (app, (app_id, _)) in &known {
                 if queued.get(app).copied().unwrap_or(0) == 0 {
+                    ids.push(*app_id);
                     sqlx::query("DELETE FROM app_queue WHERE app_id = $1 AND host_id = $2")
                         .bind(app_id)
                         .bind(host_id)
@@ -269,6 +276,7 @@ impl Store {
                 else {
                     continue;
                 };
+                ids.push(get_i64(&row, "id")?);
                 sqlx::query(
                     "INSERT INTO app_queue (app_id, host_id, queued, updated_ms) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (app_id, host_id) DO UPDATE SET queued = excluded.queued, updated_ms = excluded.updated_ms",
@@ -281,7 +289,7 @@ impl Store {
                 .await?;
             }
             tx.commit().await?;
-            Ok(())
+            Ok(ids)
         })
         .await
     }
@@ -386,8 +394,8 @@ impl Store {
             "SELECT app_id, last_active_ms FROM app_demand WHERE 1 = 1{}",
             only("app_id")
         ))
-            .fetch_all(&self.pool)
-            .await?
+        .fetch_all(&self.pool)
+        .await?
         {
             out.last_active
                 .insert(get_i64(r, "app_id")?, get_i64(r, "last_active_ms")?);
