@@ -164,6 +164,8 @@ fn eligible(
 /// execution's readings are part of it, for a short while only). A cache:
 /// any replica recomputes the same thing from the database.
 pub(crate) struct Snapshot {
+    /// When its inputs began to be read.
+    read_at: std::time::Instant,
     rev: i64,
     alive: Vec<stead_store::PlacementHost>,
     expires: Option<std::time::Instant>,
@@ -179,12 +181,20 @@ impl Snapshot {
             .unwrap_or_else(|| self.empty.clone())
     }
 
-    /// Whether this snapshot answers for a reading of revision `rev` with
-    /// these alive hosts (a newer snapshot answers for an older reading).
-    fn valid_for(&self, rev: i64, alive: &[stead_store::PlacementHost]) -> bool {
-        self.rev >= rev
-            && self.alive == alive
-            && self.expires.is_none_or(|e| e > std::time::Instant::now())
+    /// Whether this snapshot answers for a caller that read revision `rev`
+    /// and these alive hosts at `read_at`: one whose inputs were read after
+    /// that always does (it is at least as fresh); an older one while the
+    /// revision and the alive hosts are still what it was computed from.
+    fn valid_for(
+        &self,
+        rev: i64,
+        alive: &[stead_store::PlacementHost],
+        read_at: std::time::Instant,
+    ) -> bool {
+        self.read_at >= read_at
+            || (self.rev >= rev
+                && self.alive == alive
+                && self.expires.is_none_or(|e| e > std::time::Instant::now()))
     }
 }
 
@@ -197,14 +207,25 @@ const DBOS_SNAPSHOT_TTL: std::time::Duration = std::time::Duration::from_millis(
 /// the revision or the alive hosts moved. Concurrent callers wait for one
 /// recomputation rather than each making their own.
 pub(crate) async fn snapshot(state: &AppState) -> Result<std::sync::Arc<Snapshot>, ApiError> {
+    let read_at = std::time::Instant::now();
     let rev = state.store.intended_rev().await?;
     let alive = state.store.alive_hosts(state.config.host_timeout).await?;
     let mut current = state.intended.lock().await;
-    if let Some(s) = current.as_ref().filter(|s| s.valid_for(rev, &alive)) {
+    if let Some(s) = current
+        .as_ref()
+        .filter(|s| s.valid_for(rev, &alive, read_at))
+    {
         return Ok(s.clone());
     }
+    // Read again now that this caller computes: everything committed while
+    // it waited for the lock is included, so the callers queued behind it
+    // (which read their revision earlier) all take this one computation
+    // instead of each making another (at 50,000 instances, recomputing
+    // once per queued heartbeat would starve them).
     let t0 = std::time::Instant::now();
-    let computed = std::sync::Arc::new(compute_all(state, rev, alive).await?);
+    let rev = state.store.intended_rev().await?;
+    let alive = state.store.alive_hosts(state.config.host_timeout).await?;
+    let computed = std::sync::Arc::new(compute_all(state, t0, rev, alive).await?);
     tracing::debug!(
         rev,
         hosts = computed.hosts.len(),
@@ -224,6 +245,7 @@ pub(crate) async fn snapshot(state: &AppState) -> Result<std::sync::Arc<Snapshot
 /// one (durable execution).
 async fn compute_all(
     state: &AppState,
+    read_at: std::time::Instant,
     rev: i64,
     alive_hosts: Vec<stead_store::PlacementHost>,
 ) -> Result<Snapshot, ApiError> {
@@ -448,6 +470,7 @@ async fn compute_all(
     let empty = IntendedHostState::default();
     let empty_tag = crate::scaling::etag(&empty);
     Ok(Snapshot {
+        read_at,
         rev,
         alive: alive_hosts,
         expires: (!dbs.is_empty()).then(|| std::time::Instant::now() + DBOS_SNAPSHOT_TTL),

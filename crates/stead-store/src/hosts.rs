@@ -893,7 +893,8 @@ mod digest_tests {
         assert_eq!(base, observed_digest(&[b.clone(), a.clone()]));
         assert_ne!(base, observed_digest(std::slice::from_ref(&a)));
         assert_ne!(base, observed_digest(&[]));
-        let changes: Vec<Box<dyn Fn(&mut ObservedInstance)>> = vec![
+        type Change = Box<dyn Fn(&mut ObservedInstance)>;
+        let changes: Vec<Change> = vec![
             Box::new(|i| i.app = "api".into()),
             Box::new(|i| i.version = 2),
             Box::new(|i| i.state = InstanceState::Stopping),
