@@ -409,7 +409,10 @@ async fn resolve_loop(shared: Arc<Shared>) {
                 shared.telemetry.heartbeat_ok(seq, sent.elapsed());
                 acknowledged = Some(summary);
                 let held = sent.elapsed() >= shared.config.poll_interval / 2;
-                again = resp.etag.is_some() && (held || resp.etag != etag);
+                // A report of news is answered at once (not held): go
+                // round again to long-poll, so a change made meanwhile is
+                // not left waiting for the poll interval.
+                again = resp.etag.is_some() && (held || resp.etag != etag || news);
                 etag = resp.etag;
                 intended = Some(resp.intended);
             }

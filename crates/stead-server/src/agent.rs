@@ -84,7 +84,7 @@ pub(crate) async fn heartbeat(
     ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let t0 = std::time::Instant::now();
-    state
+    let outcome = state
         .store
         .heartbeat_fenced(
             &req.host_id,
@@ -93,36 +93,31 @@ pub(crate) async fn heartbeat(
             state.config.host_timeout,
         )
         .await?;
-    state.changed();
-    tracing::trace!(ms = t0.elapsed().as_secs_f64() * 1000.0, "heartbeat stored");
+    // Only a report that changed something wakes the long-polls: a
+    // heartbeat repeating what is stored must cost the others nothing.
+    if outcome.changed {
+        state.changed();
+    }
+    tracing::trace!(
+        ms = t0.elapsed().as_secs_f64() * 1000.0,
+        changed = outcome.changed,
+        "heartbeat stored"
+    );
     crate::scaling::record_heartbeat_signals(&state, &req).await;
     // Long-poll: held (up to `wait_ms`) while the intended state is still
     // the one the agent has, so a change reaches it within milliseconds.
+    // Each check costs two small queries (the revision and the alive
+    // hosts); the intended state itself is recomputed, for every host at
+    // once, only when they moved.
     let wait = std::time::Duration::from_millis(req.wait_ms);
     let (intended, etag) =
         crate::scaling::long_poll(&state, req.known.as_deref(), wait, || async {
-            let t0 = std::time::Instant::now();
-            let mut alive: Vec<(String, Vec<String>)> = state
-                .store
-                .list_hosts(state.config.host_timeout)
-                .await?
-                .into_iter()
-                // Draining hosts are alive: they keep what runs there
-                // until it is replaced.
-                .filter(|h| h.state != "dead")
-                .map(|h| (h.id, h.backends))
-                .collect();
-            alive.sort();
-            let intended = if alive.iter().any(|(h, _)| h == &req.host_id) {
-                intended_for_host(&state, &req.host_id, &alive).await?
-            } else {
-                IntendedHostState::default()
-            };
-            let etag = crate::scaling::etag(&intended);
-            tracing::debug!(host = %req.host_id, ms = t0.elapsed().as_secs_f64() * 1000.0, "intended state computed");
-            Ok((intended, etag))
+            let snapshot = snapshot(&state).await?;
+            Ok(snapshot.for_host(&req.host_id))
         })
         .await?;
+    tracing::debug!(host = %req.host_id, new = req.known.as_deref() != Some(etag.as_str()),
+        held_ms = t0.elapsed().as_secs_f64() * 1000.0, "heartbeat answered");
     Ok(Json(HeartbeatResponse {
         intended,
         etag: Some(etag),
@@ -163,58 +158,169 @@ fn eligible(
     (hosts.len(), hosts.iter().position(|h| *h == host_id))
 }
 
-async fn intended_for_host(
+/// The intended state of every host, computed at once from one reading of
+/// the store, and valid while the store's revision and the set of alive
+/// hosts stay what they were when it was computed (and, when durable
+/// execution's readings are part of it, for a short while only). A cache:
+/// any replica recomputes the same thing from the database.
+pub(crate) struct Snapshot {
+    /// When its inputs began to be read.
+    read_at: std::time::Instant,
+    rev: i64,
+    alive: Vec<stead_store::PlacementHost>,
+    expires: Option<std::time::Instant>,
+    hosts: HashMap<String, (IntendedHostState, String)>,
+    empty: (IntendedHostState, String),
+}
+
+impl Snapshot {
+    pub(crate) fn for_host(&self, host_id: &str) -> (IntendedHostState, String) {
+        self.hosts
+            .get(host_id)
+            .cloned()
+            .unwrap_or_else(|| self.empty.clone())
+    }
+
+    /// Whether this snapshot answers for a caller that read revision `rev`
+    /// and these alive hosts at `read_at`: one whose inputs were read after
+    /// that always does (it is at least as fresh); an older one while the
+    /// revision and the alive hosts are still what it was computed from.
+    fn valid_for(
+        &self,
+        rev: i64,
+        alive: &[stead_store::PlacementHost],
+        read_at: std::time::Instant,
+    ) -> bool {
+        self.read_at >= read_at
+            || (self.rev >= rev
+                && self.alive == alive
+                && self.expires.is_none_or(|e| e > std::time::Instant::now()))
+    }
+}
+
+/// How long a snapshot that includes durable-execution plans (drain and
+/// recovery, which follow readings of the apps' system databases and the
+/// clock) stays valid: the durable-execution loop's pass period.
+const DBOS_SNAPSHOT_TTL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The current snapshot: two small queries, and a recomputation only when
+/// the revision or the alive hosts moved. Concurrent callers wait for one
+/// recomputation rather than each making their own.
+pub(crate) async fn snapshot(state: &AppState) -> Result<std::sync::Arc<Snapshot>, ApiError> {
+    let read_at = std::time::Instant::now();
+    let rev = state.store.intended_rev().await?;
+    let alive = state.store.alive_hosts(state.config.host_timeout).await?;
+    let mut current = state.intended.lock().await;
+    if let Some(s) = current
+        .as_ref()
+        .filter(|s| s.valid_for(rev, &alive, read_at))
+    {
+        return Ok(s.clone());
+    }
+    // Read again now that this caller computes: everything committed while
+    // it waited for the lock is included, so the callers queued behind it
+    // (which read their revision earlier) all take this one computation
+    // instead of each making another (at 50,000 instances, recomputing
+    // once per queued heartbeat would starve them).
+    let t0 = std::time::Instant::now();
+    let rev = state.store.intended_rev().await?;
+    let alive = state.store.alive_hosts(state.config.host_timeout).await?;
+    let computed = std::sync::Arc::new(compute_all(state, t0, rev, alive).await?);
+    tracing::debug!(
+        rev,
+        hosts = computed.hosts.len(),
+        ms = t0.elapsed().as_secs_f64() * 1000.0,
+        "intended state computed"
+    );
+    crate::metrics::INTENDED_COMPUTES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    *current = Some(computed.clone());
+    Ok(computed)
+}
+
+/// What every host should run: every app's active version (and target,
+/// while it starts), spread over the alive hosts; old versions that still
+/// own workflows (kept, or started again, until they drain); and the
+/// recovery orders each host's instances must carry out. A fixed number
+/// of queries for every app without a database, a few more per app with
+/// one (durable execution).
+async fn compute_all(
     state: &AppState,
-    host_id: &str,
-    alive: &[(String, Vec<String>)],
-) -> Result<IntendedHostState, ApiError> {
-    let mut intended = IntendedHostState::default();
+    read_at: std::time::Instant,
+    rev: i64,
+    alive_hosts: Vec<stead_store::PlacementHost>,
+) -> Result<Snapshot, ApiError> {
+    let alive: Vec<(String, Vec<String>)> = alive_hosts
+        .iter()
+        .map(|h| (h.id.clone(), h.backends.clone()))
+        .collect();
+    let mut out: HashMap<String, IntendedHostState> = alive
+        .iter()
+        .map(|(h, _)| (h.clone(), IntendedHostState::default()))
+        .collect();
     let mut by_app: BTreeMap<i64, Vec<stead_store::ActiveApp>> = BTreeMap::new();
     for a in state.store.active_apps().await? {
         by_app.entry(a.app_id).or_default().push(a);
     }
+    let dbs = state.store.app_databases_all().await?;
     let mut app_ids: Vec<i64> = by_app.keys().copied().collect();
-    for a in state.store.apps_with_databases().await? {
-        if !app_ids.contains(&a.id) {
-            app_ids.push(a.id);
-        }
-    }
+    app_ids.extend(dbs.keys().copied().filter(|id| !by_app.contains_key(id)));
+    app_ids.sort_unstable();
     let now = stead_store::now_ms();
-    let scale = crate::scaling::evaluate(state).await?;
-    if scale.changed {
-        state.changed();
-    }
+    let desired = state.store.desired_counts().await?;
     let inputs = state
         .store
         .placement_inputs(state.config.host_timeout)
         .await?;
-    intended.fenced = inputs
-        .instances
-        .iter()
-        .filter(|i| i.fenced && i.host_id == host_id)
-        .map(|i| i.id.clone())
-        .collect();
+    for i in inputs.instances.iter().filter(|i| i.fenced) {
+        if let Some(h) = out.get_mut(&i.host_id) {
+            h.fenced.push(i.id.clone());
+        }
+    }
+    for h in out.values_mut() {
+        h.fenced.sort();
+    }
     let demands: Vec<Demand> = by_app
         .values()
         .flatten()
         .map(|a| Demand {
             key: (a.app_id, a.version),
-            desired: scale.count(a.app_id, a.version, a.min, a.max),
+            desired: version_count(desired.get(&a.app_id).copied(), a),
             memory_mb: a.config.memory_mb,
             sandbox: a.config.sandbox.clone(),
         })
         .collect();
     let placement = placement_of(&inputs, &demands);
     report_unplaced(state, &placement, &by_app).await;
+    let mut env_all = state.store.env_plain_all().await.map_err(|e| {
+        ApiError::internal(format!(
+            "cannot read the apps' environments: {e}; check the server's secret key"
+        ))
+    })?;
     for app_id in app_ids {
-        let Some(rec) = state.store.app_by_id(app_id).await? else {
-            continue;
-        };
         let entries = by_app.remove(&app_id).unwrap_or_default();
-        let db = state.store.app_database(app_id).await?;
-        let instances = state.store.app_instances(app_id).await?;
-        let plan = match &db {
+        let db = dbs.get(&app_id);
+        let base_env = env_all.remove(&app_id).unwrap_or_default();
+        let env_of = |name: &str, version: u32| {
+            let mut env = base_env.clone();
+            env.insert("STEAD_APP".into(), name.to_string());
+            env.insert("STEAD_VERSION".into(), version.to_string());
+            if let Some(db) = db {
+                env.insert("DBOS_SYSTEM_DATABASE_URL".into(), db.system_url.clone());
+                env.insert("DBOS_DATABASE_URL".into(), db.app_url.clone());
+            }
+            env
+        };
+        let expose = db
+            .map(|d| crate::dbos::expose_for(state, d))
+            .unwrap_or_default();
+        // Durable execution: drain and recovery plans, per app with a
+        // database (they need its instances and executors).
+        let (rec, instances, plan) = match db {
             Some(_) => {
+                let Some(rec) = state.store.app_by_id(app_id).await? else {
+                    continue;
+                };
+                let instances = state.store.app_instances(app_id).await?;
                 let dead = state.store.dead_executors(app_id).await?;
                 let work = state.store.version_work(app_id).await?;
                 let mut modes = HashMap::new();
@@ -223,7 +329,7 @@ async fn intended_for_host(
                         modes.insert(d.version, v.config.recovery.clone());
                     }
                 }
-                crate::dbos::plan(
+                let plan = crate::dbos::plan(
                     rec.active_version,
                     rec.target_version,
                     &instances,
@@ -231,11 +337,12 @@ async fn intended_for_host(
                     &dead,
                     &modes,
                     now,
-                )
+                );
+                (Some(rec), instances, plan)
             }
-            None => crate::dbos::Plan::default(),
+            None => (None, Vec::new(), crate::dbos::Plan::default()),
         };
-        let mine = |version: u32| {
+        let mine = |host_id: &str, version: u32| {
             instances
                 .iter()
                 .filter(|i| {
@@ -245,8 +352,8 @@ async fn intended_for_host(
                 })
                 .collect::<Vec<_>>()
         };
-        let admin_orders = |version: u32| -> Vec<String> {
-            let here = mine(version)
+        let admin_orders = |host_id: &str, version: u32| -> Vec<String> {
+            let here = mine(host_id, version)
                 .iter()
                 .any(|i| i.state == stead_api::InstanceState::Ready && i.dbos_admin);
             if here {
@@ -255,47 +362,69 @@ async fn intended_for_host(
                 Vec::new()
             }
         };
-        let mut push = |name: &str,
-                        version: u32,
-                        count: u32,
-                        artifact: &str,
-                        config: &stead_api::AppConfig,
-                        env: BTreeMap<String, String>,
-                        draining: bool| {
-            let expose = db
-                .as_ref()
-                .map(|d| crate::dbos::expose_for(state, d))
-                .unwrap_or_default();
-            intended.apps.push(IntendedApp {
-                app: name.to_string(),
-                app_id: app_id.to_string(),
-                version,
-                count,
-                artifact_hash: artifact.to_string(),
-                run: run_spec(config),
-                env,
-                expose,
-                draining,
-                recover_via_admin: admin_orders(version),
-                reuse_executor_ids: plan.reuse.get(&version).cloned().unwrap_or_default(),
-            });
+        let intended_app = |host_id: &str,
+                            name: &str,
+                            version: u32,
+                            count: u32,
+                            artifact: &str,
+                            config: &stead_api::AppConfig,
+                            env: BTreeMap<String, String>,
+                            draining: bool| IntendedApp {
+            app: name.to_string(),
+            app_id: app_id.to_string(),
+            version,
+            count,
+            artifact_hash: artifact.to_string(),
+            run: run_spec(config),
+            env,
+            expose: expose.clone(),
+            draining,
+            recover_via_admin: admin_orders(host_id, version),
+            reuse_executor_ids: plan.reuse.get(&version).cloned().unwrap_or_default(),
         };
         for app in &entries {
-            let count = placement.count((app.app_id, app.version), host_id);
-            if count == 0 {
+            let Some(counts) = placement.counts.get(&(app.app_id, app.version)) else {
                 continue;
+            };
+            let env = env_of(&app.name, app.version);
+            let spec = run_spec(&app.config);
+            for (host_id, &count) in counts {
+                if count == 0 {
+                    continue;
+                }
+                let Some(h) = out.get_mut(host_id) else {
+                    continue;
+                };
+                if db.is_none() {
+                    // The common case, without the durable-execution parts.
+                    h.apps.push(IntendedApp {
+                        app: app.name.clone(),
+                        app_id: app_id.to_string(),
+                        version: app.version,
+                        count,
+                        artifact_hash: app.artifact_hash.clone(),
+                        run: spec.clone(),
+                        env: env.clone(),
+                        expose: Vec::new(),
+                        draining: false,
+                        recover_via_admin: Vec::new(),
+                        reuse_executor_ids: Vec::new(),
+                    });
+                } else {
+                    h.apps.push(intended_app(
+                        host_id,
+                        &app.name,
+                        app.version,
+                        count,
+                        &app.artifact_hash,
+                        &app.config,
+                        env.clone(),
+                        false,
+                    ));
+                }
             }
-            let env = env_for(state, app.app_id, &app.name, app.version).await?;
-            push(
-                &app.name,
-                app.version,
-                count,
-                &app.artifact_hash,
-                &app.config,
-                env,
-                false,
-            );
         }
+        let Some(rec) = rec else { continue };
         for &version in plan.draining.keys() {
             let Some(v) = state.store.get_version(app_id, version).await? else {
                 continue;
@@ -307,24 +436,65 @@ async fn intended_for_host(
                 .iter()
                 .filter(|i| i.version == version && i.state != stead_api::InstanceState::Exited)
                 .count();
-            // Keep what runs; with nothing left anywhere, the first host
-            // starts one so the version's work can finish (only when a
-            // reading shows work: see `Plan::start`).
-            let here = mine(version).len() as u32;
-            let first = eligible(alive, host_id, v.config.sandbox.as_deref()).1 == Some(0);
-            let count = if live_anywhere == 0 && first && plan.start.contains(&version) {
-                1
-            } else {
-                here
-            };
-            if count == 0 {
-                continue;
+            let env = env_of(&rec.name, version);
+            for (host_id, _) in &alive {
+                // Keep what runs; with nothing left anywhere, the first
+                // host starts one so the version's work can finish (only
+                // when a reading shows work: see `Plan::start`).
+                let here = mine(host_id, version).len() as u32;
+                let first = eligible(&alive, host_id, v.config.sandbox.as_deref()).1 == Some(0);
+                let count = if live_anywhere == 0 && first && plan.start.contains(&version) {
+                    1
+                } else {
+                    here
+                };
+                if count == 0 {
+                    continue;
+                }
+                let app = intended_app(
+                    host_id,
+                    &rec.name,
+                    version,
+                    count,
+                    &artifact,
+                    &v.config,
+                    env.clone(),
+                    true,
+                );
+                if let Some(h) = out.get_mut(host_id) {
+                    h.apps.push(app);
+                }
             }
-            let env = env_for(state, app_id, &rec.name, version).await?;
-            push(&rec.name, version, count, &artifact, &v.config, env, true);
         }
     }
-    Ok(intended)
+    let empty = IntendedHostState::default();
+    let empty_tag = crate::scaling::etag(&empty);
+    Ok(Snapshot {
+        read_at,
+        rev,
+        alive: alive_hosts,
+        expires: (!dbs.is_empty()).then(|| std::time::Instant::now() + DBOS_SNAPSHOT_TTL),
+        hosts: out
+            .into_iter()
+            .map(|(h, i)| {
+                let tag = crate::scaling::etag(&i);
+                (h, (i, tag))
+            })
+            .collect(),
+        empty: (empty, empty_tag),
+    })
+}
+
+/// Instances of one version of an app to run in all, from the
+/// autoscaler's last decision: the decision for the active version; for a
+/// version being started (the target) at least one, so it can prove it
+/// starts before it takes traffic; before any decision, min/max.
+fn version_count(desired: Option<u32>, app: &stead_store::ActiveApp) -> u32 {
+    match desired {
+        Some(d) if app.active => d,
+        Some(d) => d.max(1),
+        None => crate::placement::desired_count(app.min, app.max),
+    }
 }
 
 /// The placement of every demand over the alive hosts, from what the

@@ -127,6 +127,9 @@ pub(crate) struct AppState {
     /// event and warning are written when the shortfall changes, not on
     /// every heartbeat (a cache: a new replica reports once more).
     pub unplaced: Arc<std::sync::Mutex<std::collections::HashMap<placement::Key, u32>>>,
+    /// Every host's intended state as last computed, under the store's
+    /// revision (a cache: see `agent::Snapshot`).
+    pub intended: Arc<tokio::sync::Mutex<Option<Arc<agent::Snapshot>>>>,
 }
 
 impl AppState {
@@ -200,6 +203,7 @@ impl Server {
                 replica: format!("r-{:016x}", rand::random::<u64>()).into(),
                 peers: None,
                 unplaced: Arc::default(),
+                intended: Arc::default(),
             },
             addr,
         })
@@ -231,6 +235,7 @@ impl Server {
         let flag = state.shutting_down.clone();
         let changes = state.changes.clone();
         let background = tokio::spawn(dbos::run_loop(state.clone(), state.pools.clone()));
+        let autoscaler = tokio::spawn(scaling::run_loop(state.clone()));
         axum::serve(self.listener, router)
             .with_graceful_shutdown(async move {
                 shutdown.await;
@@ -240,11 +245,16 @@ impl Server {
             .await
             .map_err(ServerError::Serve)?;
         background.abort();
+        autoscaler.abort();
         for t in peer_tasks {
             t.abort();
         }
         // Let another replica take the singleton work over at once.
         let _ = state.store.release_lease(dbos::LEASE, &state.replica).await;
+        let _ = state
+            .store
+            .release_lease(scaling::LEASE, &state.replica)
+            .await;
         Ok(())
     }
 }

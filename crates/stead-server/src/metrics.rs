@@ -26,6 +26,9 @@ pub(crate) static LONG_POLL_WAITS: AtomicU64 = AtomicU64::new(0);
 pub(crate) static DEMAND_REPORTS: AtomicU64 = AtomicU64::new(0);
 /// Times an app's desired instance count changed.
 pub(crate) static SCALE_CHANGES: AtomicU64 = AtomicU64::new(0);
+/// Times every host's intended state was recomputed (the revision or the
+/// alive hosts moved).
+pub(crate) static INTENDED_COMPUTES: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Default)]
 struct RouteStats {
@@ -123,6 +126,11 @@ pub(crate) async fn serve(State(state): State<AppState>) -> Response {
             "stead_server_scale_changes_total",
             "Times the autoscaler changed an app's desired instance count.",
             &SCALE_CHANGES,
+        ),
+        (
+            "stead_server_intended_computes_total",
+            "Times every host's intended state was recomputed after a change.",
+            &INTENDED_COMPUTES,
         ),
     ] {
         let _ = writeln!(

@@ -62,19 +62,6 @@ pub(crate) struct AppDecision {
     pub by_instance: BTreeMap<String, u64>,
 }
 
-impl Decisions {
-    /// Instances of `version` of app `app_id` to run in all: the decision
-    /// for the active version; for a version being started (the target)
-    /// at least one, so it can prove it starts before it takes traffic.
-    pub fn count(&self, app_id: i64, version: u32, min: u32, max: u32) -> u32 {
-        match self.apps.get(&app_id) {
-            Some(d) if d.app.active_version == Some(version) => d.decision.state.desired,
-            Some(d) => d.decision.state.desired.max(1),
-            None => crate::placement::desired_count(min, max),
-        }
-    }
-}
-
 fn to_state(r: &ScaleStateRow) -> autoscale::State {
     autoscale::State {
         desired: r.desired,
@@ -160,11 +147,90 @@ fn signals(inputs: &ScaleInputs, app_id: i64, now: i64, last_activity: Option<i6
     s
 }
 
-/// Decides every app's instance count now, persisting state changes.
-pub(crate) async fn evaluate(state: &AppState) -> Result<Decisions, ApiError> {
+/// The lease under which one replica at a time runs [`run_loop`].
+pub(crate) const LEASE: &str = "autoscaler";
+const LEASE_TTL: Duration = Duration::from_secs(5);
+/// How often the autoscaler looks at the apps with something going on.
+const EVALUATE_EVERY: Duration = Duration::from_millis(1000);
+
+/// The autoscaler's periodic work, on the replica holding [`LEASE`]: when
+/// the intended state's revision moved (a deploy, a scale change, an
+/// instance started or gone), every app is evaluated, in a fixed number of
+/// queries; otherwise only the apps whose decision can change with time
+/// alone ([`stead_store::Store::unsettled_apps`]: a scale-down delay or
+/// panic window running, a count away from `min`, recent demand). So an
+/// idle platform costs a few small queries a second whatever its size.
+/// Demand reports and `stead scale` evaluate their apps at once besides.
+pub(crate) async fn run_loop(state: AppState) {
+    let mut last_rev: Option<i64> = None;
+    let mut holding = false;
+    let mut renewed = Instant::now() - LEASE_TTL;
+    loop {
+        if state.shutting_down.load(Ordering::Relaxed) {
+            return;
+        }
+        if !holding || renewed.elapsed() >= LEASE_TTL / 3 {
+            renewed = Instant::now();
+            match state
+                .store
+                .acquire_lease(LEASE, &state.replica, LEASE_TTL)
+                .await
+            {
+                Ok(held) => {
+                    if held != holding {
+                        tracing::info!(replica = %state.replica, held, "autoscaler lease {}", if held { "taken" } else { "lost" });
+                        // A new holder starts with a full evaluation.
+                        last_rev = None;
+                    }
+                    holding = held;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take the autoscaler lease; retrying");
+                    holding = false;
+                }
+            }
+        }
+        if holding {
+            if let Err(e) = evaluate_pass(&state, &mut last_rev).await {
+                tracing::warn!(error = %e, "autoscaler pass failed; retrying");
+            }
+        }
+        tokio::time::sleep(if holding {
+            EVALUATE_EVERY
+        } else {
+            LEASE_TTL / 3
+        })
+        .await;
+    }
+}
+
+async fn evaluate_pass(state: &AppState, last_rev: &mut Option<i64>) -> Result<(), ApiError> {
+    let rev = state.store.intended_rev().await?;
+    let scope = if *last_rev == Some(rev) {
+        let since = stead_store::now_ms() - stead_store::DEMAND_RETENTION.as_millis() as i64;
+        Some(state.store.unsettled_apps(since).await?)
+    } else {
+        None
+    };
+    let decisions = evaluate_scope(state, scope.as_deref()).await?;
+    // A decision written moves the revision: the next pass evaluates
+    // everything once more (writing nothing), then settles.
+    *last_rev = Some(rev);
+    if decisions.changed {
+        state.changed();
+    }
+    Ok(())
+}
+
+/// Decides the instance count of the apps in `only` (every app when
+/// `None`), persisting state changes.
+pub(crate) async fn evaluate_scope(
+    state: &AppState,
+    only: Option<&[i64]>,
+) -> Result<Decisions, ApiError> {
     let inputs = state
         .store
-        .scale_inputs(Duration::from_secs(70), state.config.host_timeout)
+        .scale_inputs_for(Duration::from_secs(70), state.config.host_timeout, only)
         .await?;
     let now = stead_store::now_ms();
     let mut out = Decisions::default();
@@ -190,6 +256,9 @@ pub(crate) async fn evaluate(state: &AppState) -> Result<Decisions, ApiError> {
             below_since: decision.state.below_since,
             below_peak: decision.state.below_peak,
             updated_ms: now,
+            settled: decision.state.below_since.is_none()
+                && decision.state.panic_until.is_none()
+                && decision.state.desired == app.min,
         };
         let differs = match prev_row {
             None => true,
@@ -199,6 +268,7 @@ pub(crate) async fn evaluate(state: &AppState) -> Result<Decisions, ApiError> {
                     || p.panic_until != new_row.panic_until
                     || p.below_since != new_row.below_since
                     || p.below_peak != new_row.below_peak
+                    || p.settled != new_row.settled
             }
         };
         let mut decision = decision;
@@ -287,12 +357,24 @@ pub(crate) async fn record_heartbeat_signals(state: &AppState, req: &HeartbeatRe
             tracing::warn!(host = %req.host_id, error = %e, "cannot record CPU use");
         }
     }
-    if let Err(e) = state
+    match state
         .store
         .record_queued(&req.host_id, &req.queued_workflows)
         .await
     {
-        tracing::warn!(host = %req.host_id, error = %e, "cannot record queued workflows");
+        // New queued work can wake an app scaled to zero: decide for it
+        // now, not at the autoscaler's next pass.
+        Ok(ids) if !ids.is_empty() => match evaluate_scope(state, Some(&ids)).await {
+            Ok(d) if d.changed => state.changed(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(host = %req.host_id, error = %e, "cannot evaluate the apps with queued workflows")
+            }
+        },
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(host = %req.host_id, error = %e, "cannot record queued workflows")
+        }
     }
 }
 
@@ -410,14 +492,15 @@ pub(crate) async fn demand(
     crate::metrics::DEMAND_REPORTS.fetch_add(1, Ordering::Relaxed);
     let t0 = Instant::now();
     let samples: Vec<NewDemand> = report.apps.iter().map(new_demand).collect();
-    state
+    let ids = state
         .store
         .record_demand(&report.router, DemandKind::Router, &samples)
         .await?;
     let recorded = t0.elapsed();
-    // Decide now rather than at the next heartbeat: a wake-up or a burst
-    // reaches the agents (long-polling their intended state) at once.
-    let decisions = evaluate(&state).await?;
+    // Decide now for the apps reported on rather than at the next pass: a
+    // wake-up or a burst reaches the agents (long-polling their intended
+    // state) at once.
+    let decisions = evaluate_scope(&state, Some(&ids)).await?;
     if decisions.changed {
         state.changed();
     }
@@ -485,7 +568,7 @@ pub(crate) async fn set_scale(
             other => other.into(),
         })?;
     tracing::info!(app, min = set.min, max = set.max, "scale settings changed");
-    evaluate(&state).await?;
+    evaluate_scope(&state, Some(&[rec.id])).await?;
     state.changed();
     let rec = crate::api::load_app(&state, &auth, &app).await?;
     Ok(Json(crate::api::app_status(&state, &rec).await?))
@@ -497,7 +580,7 @@ pub(crate) async fn app_scale(
     state: &AppState,
     app_id: i64,
 ) -> Result<Option<ScaleStatus>, ApiError> {
-    let mut decisions = evaluate(state).await?;
+    let mut decisions = evaluate_scope(state, Some(&[app_id])).await?;
     if decisions.changed {
         state.changed();
     }

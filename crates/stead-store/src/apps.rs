@@ -1,6 +1,6 @@
 //! Apps, their versions, deploys, blobs, environment, events and logs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -639,6 +639,27 @@ impl Store {
                 get_opt_str(r, "value")?.unwrap_or_default()
             };
             out.insert(key, value);
+        }
+        Ok(out)
+    }
+
+    /// [`Store::env_plain`] of every app, in one query (the intended state
+    /// of every host is computed at once).
+    pub async fn env_plain_all(&self) -> Result<HashMap<i64, BTreeMap<String, String>>> {
+        let rows =
+            sqlx::query("SELECT app_id, key, value, secret, ciphertext, nonce FROM env_vars")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out: HashMap<i64, BTreeMap<String, String>> = HashMap::new();
+        for r in &rows {
+            let app_id = get_i64(r, "app_id")?;
+            let key = get_str(r, "key")?;
+            let value = if get_i64(r, "secret")? != 0 {
+                self.decrypt_row(app_id, &key, r)?
+            } else {
+                get_opt_str(r, "value")?.unwrap_or_default()
+            };
+            out.entry(app_id).or_default().insert(key, value);
         }
         Ok(out)
     }

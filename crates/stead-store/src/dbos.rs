@@ -3,6 +3,8 @@
 //! once per death), the outstanding work of each version (so an old version
 //! drains before it stops), and multi-step rollouts.
 
+use std::collections::HashMap;
+
 use sqlx::any::AnyRow;
 
 use crate::{
@@ -104,7 +106,7 @@ impl Store {
 
     pub async fn app_database(&self, app_id: i64) -> Result<Option<AppDatabase>> {
         let Some(r) = sqlx::query(
-            "SELECT kind, system_url_enc, app_url_enc, nonce_system, nonce_app, role FROM app_databases WHERE app_id = $1",
+            "SELECT app_id, kind, system_url_enc, app_url_enc, nonce_system, nonce_app, role FROM app_databases WHERE app_id = $1",
         )
         .bind(app_id)
         .fetch_optional(&self.pool)
@@ -112,12 +114,31 @@ impl Store {
         else {
             return Ok(None);
         };
+        self.app_database_from_row(&r).map(Some)
+    }
+
+    /// Every app's databases, by app id, in one query.
+    pub async fn app_databases_all(&self) -> Result<HashMap<i64, AppDatabase>> {
+        let rows = sqlx::query(
+            "SELECT app_id, kind, system_url_enc, app_url_enc, nonce_system, nonce_app, role FROM app_databases",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = HashMap::new();
+        for r in &rows {
+            out.insert(get_i64(r, "app_id")?, self.app_database_from_row(r)?);
+        }
+        Ok(out)
+    }
+
+    fn app_database_from_row(&self, r: &sqlx::any::AnyRow) -> Result<AppDatabase> {
+        let app_id = get_i64(r, "app_id")?;
         let key = self.secret_key.ok_or(StoreError::NoSecretKey)?;
         let bytes = |name: &str| -> Result<Vec<u8>> {
-            sqlx::Row::try_get::<Vec<u8>, _>(&r, name).map_err(StoreError::from)
+            sqlx::Row::try_get::<Vec<u8>, _>(r, name).map_err(StoreError::from)
         };
-        Ok(Some(AppDatabase {
-            kind: get_str(&r, "kind")?,
+        Ok(AppDatabase {
+            kind: get_str(r, "kind")?,
             system_url: crypto::decrypt(
                 &key,
                 app_id,
@@ -132,8 +153,8 @@ impl Store {
                 &bytes("app_url_enc")?,
                 &bytes("nonce_app")?,
             )?,
-            role: get_opt_str(&r, "role")?,
-        }))
+            role: get_opt_str(r, "role")?,
+        })
     }
 
     /// Executors that died and whose workflows have not been recovered,

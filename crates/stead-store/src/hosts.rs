@@ -23,6 +23,82 @@ pub struct HostRecord {
     pub last_heartbeat_ms: i64,
 }
 
+/// The one field of a stored config placement needs (parsing only it is
+/// several times cheaper than the whole config).
+#[derive(serde::Deserialize)]
+struct MemoryOnly {
+    memory_mb: u64,
+}
+
+/// What a heartbeat did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatOutcome {
+    pub host: HostRecord,
+    /// The report differed from the one stored before (or revived the
+    /// host, or promoted a target), so its rows were rewritten: waiters on
+    /// the intended state should look again. False: only the heartbeat
+    /// time moved.
+    pub changed: bool,
+}
+
+/// An instance row as stored, to tell what a report changes.
+struct StoredInstance {
+    app_id: Option<i64>,
+    app: String,
+    version: u32,
+    state: String,
+    executor_id: String,
+    endpoint: Option<String>,
+    pid: Option<i64>,
+    started_at: i64,
+    exit: Option<String>,
+    dbos_admin: bool,
+    generation: i64,
+}
+
+impl StoredInstance {
+    fn same_as(&self, i: &ObservedInstance) -> bool {
+        self.app_id.is_some()
+            && self.app == i.app
+            && self.version == i.version
+            && self.state == i.state.as_str()
+            && self.executor_id == i.executor_id
+            && self.endpoint == i.endpoint
+            && self.pid == i.pid.map(i64::from)
+            && self.started_at == i.started_at_ms
+            && self.exit == i.exit
+            && self.dbos_admin == i.dbos_admin
+    }
+}
+
+/// A digest of everything a host reports about its instances that the
+/// store keeps, independent of the order they are listed in: equal
+/// digests mean the report would write exactly the rows already stored.
+pub fn observed_digest(instances: &[ObservedInstance]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut sorted: Vec<&ObservedInstance> = instances.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut h = Sha256::new();
+    for i in sorted {
+        // serde_json of a tuple: unambiguous field boundaries.
+        let fields = (
+            &i.id,
+            &i.app,
+            i.version,
+            i.state.as_str(),
+            &i.executor_id,
+            &i.endpoint,
+            i.pid,
+            i.started_at_ms,
+            &i.exit,
+            i.dbos_admin,
+        );
+        h.update(serde_json::to_vec(&fields).unwrap_or_default());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
 /// An alive host, for placement.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlacementHost {
@@ -59,6 +135,8 @@ pub struct ActiveApp {
     pub app_id: i64,
     pub name: String,
     pub version: u32,
+    /// It is the app's active version (else its target).
+    pub active: bool,
     pub min: u32,
     pub max: u32,
     pub artifact_hash: String,
@@ -147,6 +225,7 @@ impl Store {
             self.heartbeat_once(host_id, session, instances, None)
         })
         .await
+        .map(|o| o.host)
     }
 
     /// [`Store::heartbeat`] with fencing: when the host's previous heartbeat
@@ -162,7 +241,7 @@ impl Store {
         session: &str,
         instances: &[ObservedInstance],
         host_timeout: Duration,
-    ) -> Result<HostRecord> {
+    ) -> Result<HeartbeatOutcome> {
         self.retry("heartbeat", || {
             self.heartbeat_once(host_id, session, instances, Some(host_timeout))
         })
@@ -175,11 +254,19 @@ impl Store {
         session: &str,
         instances: &[ObservedInstance],
         host_timeout: Option<Duration>,
-    ) -> Result<HostRecord> {
+    ) -> Result<HeartbeatOutcome> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        // Whether an app's pending target has a ready instance on this
+        // host: that heartbeat must promote it even if it reports nothing
+        // new (a rollback to a version still running). The partial index
+        // on pending targets keeps this to the few apps being deployed.
         let host = sqlx::query(
-            "SELECT name, session, last_heartbeat, generation FROM hosts WHERE id = $1",
+            "SELECT name, session, last_heartbeat, generation, observed_digest, \
+             CASE WHEN EXISTS (SELECT 1 FROM apps a JOIN instances i ON i.app_id = a.id AND i.version = a.target_version \
+                     WHERE a.target_version IS NOT NULL AND i.host_id = $1 AND i.state = 'ready') \
+             THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END AS promotable \
+             FROM hosts WHERE id = $1",
         )
         .bind(host_id)
         .fetch_optional(&mut *tx)
@@ -200,12 +287,32 @@ impl Store {
             get_i64(&host, "last_heartbeat").is_ok_and(|last| last < now - t.as_millis() as i64)
         });
         let generation = old_generation + i64::from(revived);
-        sqlx::query("UPDATE hosts SET last_heartbeat = $1, generation = $2 WHERE id = $3")
-            .bind(now)
-            .bind(generation)
-            .bind(host_id)
-            .execute(&mut *tx)
-            .await?;
+        let digest = observed_digest(instances);
+        let promotable = get_i64(&host, "promotable")? != 0;
+        let unchanged = !revived && !promotable && get_str(&host, "observed_digest")? == digest;
+        sqlx::query(
+            "UPDATE hosts SET last_heartbeat = $1, generation = $2, observed_digest = $3 WHERE id = $4",
+        )
+        .bind(now)
+        .bind(generation)
+        .bind(&digest)
+        .bind(host_id)
+        .execute(&mut *tx)
+        .await?;
+        if unchanged {
+            // The report is the one already stored: its rows, events and
+            // executors are as they were; only the heartbeat time moves.
+            tx.commit().await?;
+            return Ok(HeartbeatOutcome {
+                host: HostRecord {
+                    id: host_id.to_string(),
+                    name,
+                    session: session.to_string(),
+                    last_heartbeat_ms: now,
+                },
+                changed: false,
+            });
+        }
         if revived {
             tracing::warn!(host = %name, generation, instances = instances.len(),
                 "host is back after being judged dead: the instances it reports are fenced");
@@ -215,21 +322,45 @@ impl Store {
         // except in the report that revives the host, which is all stale.
         let new_generation = if revived { old_generation } else { generation };
         let prev_rows = sqlx::query(
-            "SELECT id, state, executor_id, generation FROM instances WHERE host_id = $1",
+            "SELECT id, app_id, app_name, version, state, executor_id, endpoint, pid, started_at, exit, \
+             dbos_admin, generation FROM instances WHERE host_id = $1",
         )
         .bind(host_id)
         .fetch_all(&mut *tx)
         .await?;
-        let mut previous: HashMap<String, String> = HashMap::new();
-        let mut previous_executor: HashMap<String, String> = HashMap::new();
-        let mut previous_generation: HashMap<String, i64> = HashMap::new();
+        let mut previous: HashMap<String, StoredInstance> = HashMap::new();
         for r in &prev_rows {
-            previous.insert(get_str(r, "id")?, get_str(r, "state")?);
-            previous_executor.insert(get_str(r, "id")?, get_str(r, "executor_id")?);
-            previous_generation.insert(get_str(r, "id")?, get_i64(r, "generation")?);
+            previous.insert(
+                get_str(r, "id")?,
+                StoredInstance {
+                    app_id: get_opt_i64(r, "app_id")?,
+                    app: get_str(r, "app_name")?,
+                    version: to_u32(get_i64(r, "version")?),
+                    state: get_str(r, "state")?,
+                    executor_id: get_str(r, "executor_id")?,
+                    endpoint: get_opt_str(r, "endpoint")?,
+                    pid: get_opt_i64(r, "pid")?,
+                    started_at: get_i64(r, "started_at")?,
+                    exit: get_opt_str(r, "exit")?,
+                    dbos_admin: get_i64(r, "dbos_admin")? != 0,
+                    generation: get_i64(r, "generation")?,
+                },
+            );
         }
         let mut app_ids: HashMap<&str, Option<i64>> = HashMap::new();
         for inst in instances {
+            let before_row = previous.get(&inst.id);
+            // A row that already says what is reported is left alone (no
+            // write, no event): only what changed costs anything. The
+            // report that revives a host is all handled (fencing).
+            if let Some(p) = before_row.filter(|p| !revived && p.same_as(inst)) {
+                if let (Some(app_id), true) = (p.app_id, promotable) {
+                    if inst.state == InstanceState::Ready && p.generation >= generation {
+                        promote_on_ready(&mut tx, app_id, inst.version).await?;
+                    }
+                }
+                continue;
+            }
             if !app_ids.contains_key(inst.app.as_str()) {
                 let id = sqlx::query("SELECT id FROM apps WHERE name = $1")
                     .bind(&inst.app)
@@ -240,11 +371,7 @@ impl Store {
                 app_ids.insert(inst.app.as_str(), id);
             }
             let app_id = app_ids.get(inst.app.as_str()).copied().flatten();
-            let fenced = previous_generation
-                .get(&inst.id)
-                .copied()
-                .unwrap_or(new_generation)
-                < generation;
+            let fenced = before_row.map_or(new_generation, |p| p.generation) < generation;
             sqlx::query(
                 "INSERT INTO instances (id, app_id, app_name, version, host_id, state, executor_id, endpoint, pid, \
                  started_at, exit, updated_at, dbos_admin, generation) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
@@ -288,14 +415,14 @@ impl Store {
                     .await?;
                 }
                 if inst.state == InstanceState::Exited
-                    && previous.get(&inst.id).map(String::as_str) != Some("exited")
+                    && before_row.map(|p| p.state.as_str()) != Some("exited")
                 {
                     crate::dbos::executor_ended(&mut tx, &inst.executor_id, &inst.id, "fenced")
                         .await?;
                 }
                 continue;
             }
-            let before = previous.get(&inst.id).map(String::as_str);
+            let before = before_row.map(|p| p.state.as_str());
             if inst.state == InstanceState::Ready && before != Some("ready") {
                 insert_event(
                     &mut tx,
@@ -353,17 +480,17 @@ impl Store {
                 fail_if_crash_looping(&mut tx, app_id, inst.version, &why).await?;
             }
         }
-        for id in previous.keys() {
-            if !instances.iter().any(|i| &i.id == id) {
-                if let Some(executor) = previous_executor.get(id) {
-                    crate::dbos::executor_ended(
-                        &mut tx,
-                        executor,
-                        id,
-                        "vanished from its host's report",
-                    )
-                    .await?;
-                }
+        let reported: std::collections::HashSet<&str> =
+            instances.iter().map(|i| i.id.as_str()).collect();
+        for (id, p) in &previous {
+            if !reported.contains(id.as_str()) {
+                crate::dbos::executor_ended(
+                    &mut tx,
+                    &p.executor_id,
+                    id,
+                    "vanished from its host's report",
+                )
+                .await?;
                 sqlx::query("DELETE FROM instances WHERE id = $1 AND host_id = $2")
                     .bind(id)
                     .bind(host_id)
@@ -372,11 +499,14 @@ impl Store {
             }
         }
         tx.commit().await?;
-        Ok(HostRecord {
-            id: host_id.to_string(),
-            name,
-            session: session.to_string(),
-            last_heartbeat_ms: now,
+        Ok(HeartbeatOutcome {
+            host: HostRecord {
+                id: host_id.to_string(),
+                name,
+                session: session.to_string(),
+                last_heartbeat_ms: now,
+            },
+            changed: true,
         })
     }
 
@@ -452,32 +582,35 @@ impl Store {
                 draining: get_i64(r, "draining")? != 0,
             });
         }
+        // The memory each running version asks for, once per version (not
+        // once per instance: configs are the largest column there is).
+        let rows = sqlx::query(
+            "SELECT v.app_id AS app_id, v.number AS number, v.config AS config FROM versions v \
+             WHERE EXISTS (SELECT 1 FROM instances i WHERE i.app_id = v.app_id AND i.version = v.number \
+             AND i.state <> 'exited')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut memory: HashMap<(i64, u32), u64> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let m = serde_json::from_str::<MemoryOnly>(&get_str(r, "config")?)
+                .map(|c| c.memory_mb)
+                .unwrap_or(0);
+            memory.insert((get_i64(r, "app_id")?, to_u32(get_i64(r, "number")?)), m);
+        }
         let rows = sqlx::query(
             "SELECT i.id AS id, i.app_id AS app_id, i.version AS version, i.host_id AS host_id, \
-             i.state AS state, i.generation AS generation, h.generation AS host_generation, v.config AS config \
+             i.state AS state, i.generation AS generation, h.generation AS host_generation \
              FROM instances i JOIN hosts h ON h.id = i.host_id \
-             LEFT JOIN versions v ON v.app_id = i.app_id AND v.number = i.version \
              WHERE i.state <> 'exited' AND h.last_heartbeat >= $1 AND i.app_id IS NOT NULL ORDER BY i.id",
         )
         .bind(cutoff)
         .fetch_all(&self.pool)
         .await?;
-        let mut memory: HashMap<(i64, u32), u64> = HashMap::new();
-        let mut instances = Vec::new();
+        let mut instances = Vec::with_capacity(rows.len());
         for r in &rows {
             let app_id = get_i64(r, "app_id")?;
             let version = to_u32(get_i64(r, "version")?);
-            let mem = match memory.get(&(app_id, version)) {
-                Some(m) => *m,
-                None => {
-                    let m = get_opt_str(r, "config")?
-                        .and_then(|c| serde_json::from_str::<AppConfig>(&c).ok())
-                        .map(|c| c.memory_mb)
-                        .unwrap_or(0);
-                    memory.insert((app_id, version), m);
-                    m
-                }
-            };
             instances.push(PlacementInstance {
                 id: get_str(r, "id")?,
                 app_id,
@@ -485,10 +618,41 @@ impl Store {
                 host_id: get_str(r, "host_id")?,
                 ready: instance_state(&get_str(r, "state")?)? == InstanceState::Ready,
                 fenced: get_i64(r, "generation")? < get_i64(r, "host_generation")?,
-                memory_mb: mem,
+                memory_mb: memory.get(&(app_id, version)).copied().unwrap_or(0),
             });
         }
         Ok(PlacementInputs { hosts, instances })
+    }
+
+    /// The alive hosts as placement sees them, in one small query.
+    pub async fn alive_hosts(&self, timeout: Duration) -> Result<Vec<PlacementHost>> {
+        let cutoff = now_ms() - timeout.as_millis() as i64;
+        let rows = sqlx::query(
+            "SELECT id, memory_mb, backends, draining FROM hosts WHERE last_heartbeat >= $1 ORDER BY id",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut hosts = Vec::with_capacity(rows.len());
+        for r in &rows {
+            hosts.push(PlacementHost {
+                id: get_str(r, "id")?,
+                memory_mb: u64::try_from(get_i64(r, "memory_mb")?).unwrap_or(0),
+                backends: serde_json::from_str(&get_str(r, "backends")?).unwrap_or_default(),
+                draining: get_i64(r, "draining")? != 0,
+            });
+        }
+        Ok(hosts)
+    }
+
+    /// The revision of the intended state: raised (by triggers, in the
+    /// same transaction) by every change of what hosts should run, so
+    /// that a computed intended state stays valid while it stands.
+    pub async fn intended_rev(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT rev FROM intended_rev WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        get_i64(&row, "rev")
     }
 
     /// Ids of hosts that heartbeated within `timeout`, sorted.
@@ -505,7 +669,8 @@ impl Store {
     /// active one and, while it starts, the target one (one entry each).
     pub async fn active_apps(&self) -> Result<Vec<ActiveApp>> {
         let rows = sqlx::query(
-            "SELECT a.id AS id, a.name AS name, v.number AS version, a.min_instances AS min_instances, \
+            "SELECT a.id AS id, a.name AS name, v.number AS version, a.active_version AS active_version, \
+             a.min_instances AS min_instances, \
              a.max_instances AS max_instances, v.artifact_hash AS artifact_hash, v.config AS config \
              FROM apps a JOIN versions v ON v.app_id = a.id \
              AND (v.number = a.active_version OR v.number = a.target_version) \
@@ -519,6 +684,7 @@ impl Store {
                     app_id: get_i64(r, "id")?,
                     name: get_str(r, "name")?,
                     version: to_u32(get_i64(r, "version")?),
+                    active: get_opt_i64(r, "active_version")? == Some(get_i64(r, "version")?),
                     min: to_u32(get_i64(r, "min_instances")?),
                     max: to_u32(get_i64(r, "max_instances")?),
                     artifact_hash: get_opt_str(r, "artifact_hash")?.unwrap_or_default(),
@@ -698,4 +864,57 @@ async fn fail_if_crash_looping(
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+
+    fn inst(id: &str, state: InstanceState) -> ObservedInstance {
+        ObservedInstance {
+            id: id.into(),
+            app: "web".into(),
+            version: 1,
+            state,
+            executor_id: id.into(),
+            endpoint: Some("127.0.0.1:1".into()),
+            pid: Some(7),
+            started_at_ms: 5,
+            exit: None,
+            dbos_admin: false,
+        }
+    }
+
+    #[test]
+    fn digest_ignores_order_and_sees_every_stored_field() {
+        let a = inst("a", InstanceState::Ready);
+        let b = inst("b", InstanceState::Starting);
+        let base = observed_digest(&[a.clone(), b.clone()]);
+        assert_eq!(base, observed_digest(&[b.clone(), a.clone()]));
+        assert_ne!(base, observed_digest(std::slice::from_ref(&a)));
+        assert_ne!(base, observed_digest(&[]));
+        type Change = Box<dyn Fn(&mut ObservedInstance)>;
+        let changes: Vec<Change> = vec![
+            Box::new(|i| i.app = "api".into()),
+            Box::new(|i| i.version = 2),
+            Box::new(|i| i.state = InstanceState::Stopping),
+            Box::new(|i| i.executor_id = "other".into()),
+            Box::new(|i| i.endpoint = None),
+            Box::new(|i| i.pid = None),
+            Box::new(|i| i.started_at_ms = 6),
+            Box::new(|i| i.exit = Some("x".into())),
+            Box::new(|i| i.dbos_admin = true),
+        ];
+        for (n, change) in changes.iter().enumerate() {
+            let mut c = a.clone();
+            change(&mut c);
+            assert_ne!(base, observed_digest(&[c, b.clone()]), "change {n} unseen");
+        }
+        // Field boundaries are unambiguous: moving text between fields differs.
+        let mut x = inst("ab", InstanceState::Ready);
+        x.app = "c".into();
+        let mut y = inst("a", InstanceState::Ready);
+        y.app = "bc".into();
+        assert_ne!(observed_digest(&[x]), observed_digest(&[y]));
+    }
 }

@@ -28,7 +28,10 @@ use sqlx::{AnyPool, Row};
 pub use apps::{AppRecord, DeployOutcome, NewVersion};
 pub use builds::{ClaimedTask, CompleteOutcome};
 pub use dbos::{AppDatabase, DeadExecutor, Rollout, RolloutStep, VersionWork};
-pub use hosts::{ActiveApp, HostRecord, PlacementHost, PlacementInputs, PlacementInstance};
+pub use hosts::{
+    observed_digest, ActiveApp, HeartbeatOutcome, HostRecord, PlacementHost, PlacementInputs,
+    PlacementInstance,
+};
 pub use scale::{
     DemandKind, DemandSample, NewDemand, ScaleApp, ScaleInputs, ScaleStateRow, DEMAND_RETENTION,
 };

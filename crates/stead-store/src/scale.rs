@@ -83,6 +83,11 @@ pub struct ScaleStateRow {
     pub below_peak: u32,
     /// When it was written; also the optimistic-concurrency token.
     pub updated_ms: i64,
+    /// Nothing time-driven is pending (no scale-down delay or panic window
+    /// running, the count at `min`): with no new demand and no change of
+    /// intended state, evaluating the app again would decide the same, so
+    /// the periodic evaluation skips it.
+    pub settled: bool,
 }
 
 /// An app as the autoscaler sees it: bounds and effective settings.
@@ -216,8 +221,13 @@ impl Store {
     }
 
     /// Records the queued DBOS workflows a host reports per app (apps not
-    /// listed have none). Writes only what changed.
-    pub async fn record_queued(&self, host_id: &str, queued: &BTreeMap<String, u64>) -> Result<()> {
+    /// listed have none). Writes only what changed; returns the ids of the
+    /// apps whose count changed (their autoscaling decision is due).
+    pub async fn record_queued(
+        &self,
+        host_id: &str,
+        queued: &BTreeMap<String, u64>,
+    ) -> Result<Vec<i64>> {
         let rows = sqlx::query(
             "SELECT q.app_id AS app_id, a.name AS name, q.queued AS queued FROM app_queue q \
              JOIN apps a ON a.id = q.app_id WHERE q.host_id = $1",
@@ -239,13 +249,15 @@ impl Store {
                 .iter()
                 .any(|(app, _)| queued.get(app).copied().unwrap_or(0) == 0);
         if !changed {
-            return Ok(());
+            return Ok(Vec::new());
         }
         self.retry("record_queued", || async {
             let now = now_ms();
             let mut tx = self.pool.begin().await?;
+            let mut ids = Vec::new();
             for (app, (app_id, _)) in &known {
                 if queued.get(app).copied().unwrap_or(0) == 0 {
+                    ids.push(*app_id);
                     sqlx::query("DELETE FROM app_queue WHERE app_id = $1 AND host_id = $2")
                         .bind(app_id)
                         .bind(host_id)
@@ -264,6 +276,7 @@ impl Store {
                 else {
                     continue;
                 };
+                ids.push(get_i64(&row, "id")?);
                 sqlx::query(
                     "INSERT INTO app_queue (app_id, host_id, queued, updated_ms) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (app_id, host_id) DO UPDATE SET queued = excluded.queued, updated_ms = excluded.updated_ms",
@@ -276,7 +289,7 @@ impl Store {
                 .await?;
             }
             tx.commit().await?;
-            Ok(())
+            Ok(ids)
         })
         .await
     }
@@ -290,8 +303,32 @@ impl Store {
         window: Duration,
         host_timeout: Duration,
     ) -> Result<ScaleInputs> {
+        self.scale_inputs_for(window, host_timeout, None).await
+    }
+
+    /// [`Store::scale_inputs`] of only the apps in `apps` (all when `None`),
+    /// so that evaluating the few apps with something going on costs rows
+    /// in proportion to them, not to every app.
+    pub async fn scale_inputs_for(
+        &self,
+        window: Duration,
+        host_timeout: Duration,
+        apps: Option<&[i64]>,
+    ) -> Result<ScaleInputs> {
         let now = now_ms();
-        let apps = self.scale_apps(None).await?;
+        if apps.is_some_and(|a| a.is_empty()) {
+            return Ok(ScaleInputs::default());
+        }
+        // Ids are integers, so a literal list is safe and works on both
+        // backends through `Any`.
+        let only = |col: &str| match apps {
+            Some(ids) => format!(
+                " AND {col} IN ({})",
+                ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+            ),
+            None => String::new(),
+        };
+        let apps = self.scale_apps_where(&only("a.id")).await?;
         let longest = apps
             .iter()
             .map(|a| a.scaling.stable_window_ms)
@@ -308,8 +345,8 @@ impl Store {
             ..ScaleInputs::default()
         };
         let rows = sqlx::query(
-            "SELECT app_id, source, kind, start_ms, end_ms, concurrency_milli, peak, requests, waiting, \
-             cpu_milli, detail FROM demand_samples WHERE end_ms >= $1 ORDER BY end_ms",
+            &format!("SELECT app_id, source, kind, start_ms, end_ms, concurrency_milli, peak, requests, waiting, \
+             cpu_milli, detail FROM demand_samples WHERE end_ms >= $1{} ORDER BY end_ms", only("app_id")),
         )
         .bind(since)
         .fetch_all(&self.pool)
@@ -333,9 +370,10 @@ impl Store {
                 detail: get_opt_str(r, "detail")?,
             });
         }
-        for r in &sqlx::query(
-            "SELECT app_id, version, desired, panic_until, below_since, below_peak, updated_ms FROM scale_state",
-        )
+        for r in &sqlx::query(&format!(
+            "SELECT app_id, version, desired, panic_until, below_since, below_peak, updated_ms, settled FROM scale_state WHERE 1 = 1{}",
+            only("app_id")
+        ))
         .fetch_all(&self.pool)
         .await?
         {
@@ -348,21 +386,26 @@ impl Store {
                     below_since: get_opt_i64(r, "below_since")?,
                     below_peak: to_u32(get_i64(r, "below_peak")?),
                     updated_ms: get_i64(r, "updated_ms")?,
+                    settled: get_i64(r, "settled")? != 0,
                 },
             );
         }
-        for r in &sqlx::query("SELECT app_id, last_active_ms FROM app_demand")
-            .fetch_all(&self.pool)
-            .await?
+        for r in &sqlx::query(&format!(
+            "SELECT app_id, last_active_ms FROM app_demand WHERE 1 = 1{}",
+            only("app_id")
+        ))
+        .fetch_all(&self.pool)
+        .await?
         {
             out.last_active
                 .insert(get_i64(r, "app_id")?, get_i64(r, "last_active_ms")?);
         }
-        for r in &sqlx::query(
+        for r in &sqlx::query(&format!(
             "SELECT i.app_id AS app_id, COUNT(*) AS n FROM instances i JOIN apps a ON a.id = i.app_id \
              JOIN hosts h ON h.id = i.host_id WHERE i.state = 'ready' AND i.version = a.active_version \
-             AND h.last_heartbeat >= $1 GROUP BY i.app_id",
-        )
+             AND h.last_heartbeat >= $1{} GROUP BY i.app_id",
+            only("i.app_id")
+        ))
         .bind(cutoff)
         .fetch_all(&self.pool)
         .await?
@@ -370,10 +413,11 @@ impl Store {
             out.ready
                 .insert(get_i64(r, "app_id")?, to_u32(get_i64(r, "n")?));
         }
-        for r in &sqlx::query(
+        for r in &sqlx::query(&format!(
             "SELECT q.app_id AS app_id, MAX(q.queued) AS n FROM app_queue q JOIN hosts h ON h.id = q.host_id \
-             WHERE h.last_heartbeat >= $1 GROUP BY q.app_id",
-        )
+             WHERE h.last_heartbeat >= $1{} GROUP BY q.app_id",
+            only("q.app_id")
+        ))
         .bind(cutoff)
         .fetch_all(&self.pool)
         .await?
@@ -385,9 +429,10 @@ impl Store {
         // (PENDING and ENQUEUED workflows of every version), kept fresh by
         // its durable-execution loop: an app with work is never scaled to
         // zero, and queued work counts as demand.
-        for r in &sqlx::query(
-            "SELECT app_id, CAST(SUM(pending + enqueued) AS BIGINT) AS n FROM version_work WHERE checked_at >= $1 GROUP BY app_id",
-        )
+        for r in &sqlx::query(&format!(
+            "SELECT app_id, CAST(SUM(pending + enqueued) AS BIGINT) AS n FROM version_work WHERE checked_at >= $1{} GROUP BY app_id",
+            only("app_id")
+        ))
         .bind(crate::now_ms() - 30_000)
         .fetch_all(&self.pool)
         .await?
@@ -399,22 +444,61 @@ impl Store {
         Ok(out)
     }
 
+    /// Apps whose autoscaling decision may change with time alone: not
+    /// settled (see [`ScaleStateRow::settled`]), with demand samples that
+    /// ended since `since_ms`, or with queued work. Indexed, so it costs
+    /// rows in proportion to those apps.
+    pub async fn unsettled_apps(&self, since_ms: i64) -> Result<Vec<i64>> {
+        let rows = sqlx::query(
+            "SELECT app_id FROM scale_state WHERE settled = 0 \
+             UNION SELECT app_id FROM demand_samples WHERE end_ms >= $1 \
+             UNION SELECT app_id FROM app_queue \
+             UNION SELECT app_id FROM version_work WHERE pending + enqueued > 0",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut ids: Vec<i64> = rows
+            .iter()
+            .map(|r| get_i64(r, "app_id"))
+            .collect::<Result<_>>()?;
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Every app's desired instance count as the autoscaler last decided
+    /// it (`scale_state`), in one query.
+    pub async fn desired_counts(&self) -> Result<HashMap<i64, u32>> {
+        let rows = sqlx::query("SELECT app_id, desired FROM scale_state")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            out.insert(get_i64(r, "app_id")?, to_u32(get_i64(r, "desired")?));
+        }
+        Ok(out)
+    }
+
     /// Bounds and effective settings of every app, or of one.
     pub async fn scale_apps(&self, app_id: Option<i64>) -> Result<Vec<ScaleApp>> {
+        match app_id {
+            Some(id) => self.scale_apps_where(&format!(" AND a.id = {id}")).await,
+            None => self.scale_apps_where("").await,
+        }
+    }
+
+    /// `filter`: `AND ...` conditions on `a` (apps) built from integers.
+    async fn scale_apps_where(&self, filter: &str) -> Result<Vec<ScaleApp>> {
         let sql = format!(
             "SELECT a.id AS id, a.name AS name, a.active_version AS active_version, \
              a.target_version AS target_version, a.min_instances AS min_instances, \
              a.max_instances AS max_instances, v.config AS config, o.settings AS settings, \
              o.for_version AS for_version FROM apps a \
              LEFT JOIN versions v ON v.app_id = a.id AND v.number = COALESCE(a.active_version, a.target_version) \
-             LEFT JOIN scale_overrides o ON o.app_id = a.id {} ORDER BY a.id",
-            if app_id.is_some() { "WHERE a.id = $1" } else { "" }
+             LEFT JOIN scale_overrides o ON o.app_id = a.id WHERE 1 = 1{filter} ORDER BY a.id"
         );
-        let mut query = sqlx::query(&sql);
-        if let Some(id) = app_id {
-            query = query.bind(id);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
         let mut apps = Vec::with_capacity(rows.len());
         for r in &rows {
             let active_version = get_opt_i64(r, "active_version")?.map(to_u32);
@@ -456,12 +540,12 @@ impl Store {
     ) -> Result<bool> {
         let affected = match expected {
             None => sqlx::query(
-                "INSERT INTO scale_state (app_id, version, desired, panic_until, below_since, below_peak, updated_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (app_id) DO NOTHING",
+                "INSERT INTO scale_state (app_id, version, desired, panic_until, below_since, below_peak, updated_ms, settled) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $9) ON CONFLICT (app_id) DO NOTHING",
             ),
             Some(_) => sqlx::query(
                 "UPDATE scale_state SET version = $2, desired = $3, panic_until = $4, below_since = $5, \
-                 below_peak = $6, updated_ms = $7 WHERE app_id = $1 AND updated_ms = $8",
+                 below_peak = $6, updated_ms = $7, settled = $9 WHERE app_id = $1 AND updated_ms = $8",
             ),
         }
         .bind(app_id)
@@ -472,6 +556,7 @@ impl Store {
         .bind(i64::from(state.below_peak))
         .bind(state.updated_ms)
         .bind(expected.unwrap_or(0))
+        .bind(i64::from(state.settled))
         .execute(&self.pool)
         .await;
         match affected {

@@ -259,6 +259,7 @@ async fn decision_state_is_written_optimistically(store: Store) {
         below_since: None,
         below_peak: 0,
         updated_ms: 100,
+        settled: false,
     };
     assert!(store.save_scale_state(web, None, &first).await.unwrap());
     // A second "first" writer loses.

@@ -48,7 +48,113 @@ both!(
     replicas_share_one_key_and_take_turns_with_leases,
     a_host_back_from_the_dead_is_fenced,
     draining_is_stored_and_listed,
+    revision_moves_with_changes_not_with_repeated_heartbeats,
 );
+
+/// The intended state's revision moves with every change of what hosts
+/// should run (made by any write path: triggers) and not with a heartbeat
+/// that repeats what is stored, which writes nothing but its time; a
+/// pending target is still promoted by such a heartbeat.
+async fn revision_moves_with_changes_not_with_repeated_heartbeats(store: Store) {
+    let t = store.create_user_token("acme", "ann").await.unwrap();
+    let org = org_of(&store, &t).await;
+    let h = store.register_host(&reg("h1")).await.unwrap();
+    let app_id = serving_v1(&store, org, &h, "revs").await;
+    let timeout = Duration::from_secs(30);
+    let report = [inst("v1-r", "revs", 1, InstanceState::Ready)];
+    let first = store
+        .heartbeat_fenced(&h.host_id, &h.session, &report, timeout)
+        .await
+        .unwrap();
+    assert!(first.changed);
+    let rev = store.intended_rev().await.unwrap();
+    let count_writes = |store: Store| async move {
+        sqlx::query("SELECT updated_at FROM instances WHERE id = 'v1-r'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .try_get::<i64, _>("updated_at")
+            .unwrap()
+    };
+    let written = count_writes(store.clone()).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // The same report, in another order of fields nothing: unchanged.
+    let again = store
+        .heartbeat_fenced(&h.host_id, &h.session, &report, timeout)
+        .await
+        .unwrap();
+    assert!(
+        !again.changed,
+        "a repeated report must not count as a change"
+    );
+    assert_eq!(store.intended_rev().await.unwrap(), rev);
+    assert_eq!(count_writes(store.clone()).await, written, "row rewritten");
+    // A change of state is a change, and moves the revision.
+    let stopping = [inst("v1-r", "revs", 1, InstanceState::Stopping)];
+    let changed = store
+        .heartbeat_fenced(&h.host_id, &h.session, &stopping, timeout)
+        .await
+        .unwrap();
+    assert!(changed.changed);
+    let rev2 = store.intended_rev().await.unwrap();
+    assert!(rev2 > rev);
+    // Scale settings, draining and env move it too; a heartbeat time does not.
+    store
+        .set_scale_settings(
+            app_id,
+            &stead_api::ScaleRequest {
+                min: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let rev3 = store.intended_rev().await.unwrap();
+    assert!(rev3 > rev2);
+    store.set_draining("h1", true).await.unwrap();
+    let rev4 = store.intended_rev().await.unwrap();
+    assert!(rev4 > rev3);
+    let mut vars = BTreeMap::new();
+    vars.insert("K".to_string(), "v".to_string());
+    store.set_env(app_id, &vars, false).await.unwrap();
+    assert!(store.intended_rev().await.unwrap() > rev4);
+    // A target whose instance already runs ready here (a rollback) is
+    // promoted by a heartbeat that reports nothing new.
+    let both = [
+        inst("v1-r", "revs", 1, InstanceState::Stopping),
+        inst("v2-a", "revs", 2, InstanceState::Ready),
+    ];
+    deploy(&store, org, "revs", None).await;
+    // Reported ready while version 2 is still building: nothing to promote.
+    store
+        .heartbeat_fenced(&h.host_id, &h.session, &both, timeout)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .app_by_id(app_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .active_version,
+        Some(1)
+    );
+    build_next(&store, &h, Ok("art2")).await;
+    let same = store
+        .heartbeat_fenced(&h.host_id, &h.session, &both, timeout)
+        .await
+        .unwrap();
+    assert!(same.changed, "promoting the target is a change");
+    assert_eq!(
+        store
+            .app_by_id(app_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .active_version,
+        Some(2)
+    );
+}
 
 /// Replicas on one database: the first fixes the secret key's check value
 /// and a replica with another key is refused; a lease is held by one

@@ -22,6 +22,8 @@ pub struct TestServer {
     pub host: String,
     pub store: Store,
     pub dir: TempDir,
+    /// The database URL the server uses.
+    pub db_url: String,
     _guard: Option<PgGuard>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -47,6 +49,7 @@ pub async fn start_with(db: Db, tweak: impl FnOnce(&mut ServerConfig)) -> TestSe
             (g.url.clone(), Some(g))
         }
     };
+    let db_url = url.clone();
     let mut config =
         ServerConfig::new(url, "127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
     config.router_url = Some("http://127.0.0.1:8080".into());
@@ -75,6 +78,7 @@ pub async fn start_with(db: Db, tweak: impl FnOnce(&mut ServerConfig)) -> TestSe
         host,
         store,
         dir,
+        db_url,
         _guard: guard,
         shutdown: Some(tx),
     }
