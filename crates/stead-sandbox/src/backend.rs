@@ -87,6 +87,23 @@ impl Sandboxes {
         self
     }
 
+    /// Keeps a spare sandbox ready in each backend (see
+    /// [`ProcessSandbox::keep_spare`]; gVisor's sandboxes are process
+    /// sandboxes too).
+    pub fn keep_spares(mut self) -> Self {
+        self.process = self.process.keep_spare();
+        self.gvisor = self.gvisor.map(GvisorSandbox::keep_spare);
+        self
+    }
+
+    /// Ends the waiting spares and makes no more (the agent stopping).
+    pub fn release_spares(&self) {
+        self.process.release_spares();
+        if let Some(g) = &self.gvisor {
+            g.release_spares();
+        }
+    }
+
     /// Backends this host can run, for its registration.
     pub fn backends(&self) -> Vec<Backend> {
         let mut v = vec![Backend::Process];

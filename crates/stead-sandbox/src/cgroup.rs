@@ -407,6 +407,35 @@ impl CgroupLayout {
         }
     }
 
+    /// The parent directories, one per hierarchy (memory, then pids and cpu
+    /// when they have their own).
+    pub(crate) fn parents(&self) -> Vec<&Path> {
+        std::iter::once(self.memory_parent.as_path())
+            .chain(self.pids_parent.as_deref())
+            .chain(self.cpu_parent.as_deref())
+            .collect()
+    }
+
+    /// Creates cgroup(s) named `name` without limits: a spare's, whose
+    /// limits are set when it becomes a sandbox, before anything of the
+    /// sandbox runs.
+    pub(crate) fn create_bare(&self, name: &str) -> Result<CgroupPaths, SandboxError> {
+        let paths = self.paths_for(name);
+        let mut created = Vec::new();
+        if let Err(e) = paths.create_dirs(name, &mut created) {
+            for dir in created {
+                let _ = fs::remove_dir(dir);
+            }
+            return Err(e);
+        }
+        Ok(paths)
+    }
+
+    /// Whether sandboxes get a CPU quota on this host.
+    pub(crate) fn cpu_millis(&self, asked: Option<u64>) -> Option<u64> {
+        asked.filter(|_| self.cpu_quota)
+    }
+
     /// Creates sandbox `id`'s cgroup(s), fresh (a stale empty one left by a
     /// crash is removed first so that its OOM counters start at zero), with
     /// the memory and pids limits set. Swap is disabled where the kernel
@@ -490,7 +519,42 @@ impl CgroupPaths {
         Ok(())
     }
 
-    fn set_limits(
+    /// Renames these cgroup dirs to `target`'s (same parents: cgroup v1
+    /// renames only within a parent, v2 not at all), first removing a stale
+    /// empty `target` left by a crash; fails without renaming anything if
+    /// one holds processes. On failure, what was renamed is renamed back.
+    pub(crate) fn rename_to(&self, id: &str, target: &CgroupPaths) -> Result<(), SandboxError> {
+        let pairs: Vec<(&Path, &Path)> = self.dirs().into_iter().zip(target.dirs()).collect();
+        if pairs.len() != target.dirs().len() {
+            return Err(SandboxError::InvalidSpec {
+                id: id.to_owned(),
+                reason: "a spare's cgroups do not match the sandbox's".into(),
+            });
+        }
+        for (_, to) in &pairs {
+            if to.exists() {
+                let pids = read_pids(to).map_err(self.cg_err(id, "reading processes of", to))?;
+                if !pids.is_empty() {
+                    return Err(SandboxError::CgroupBusy {
+                        id: id.to_owned(),
+                        path: to.to_path_buf(),
+                    });
+                }
+                remove_dir_retrying(to, 20).map_err(self.cg_err(id, "removing stale", to))?;
+            }
+        }
+        for (i, (from, to)) in pairs.iter().enumerate() {
+            if let Err(e) = fs::rename(from, to) {
+                for (back_from, back_to) in pairs.iter().take(i) {
+                    let _ = fs::rename(back_to, back_from);
+                }
+                return Err(self.cg_err(id, "renaming", from)(e));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn set_limits(
         &self,
         id: &str,
         memory_bytes: u64,

@@ -91,6 +91,18 @@ impl GvisorSandbox {
         self
     }
 
+    /// Keeps a spare sandbox ready for the process sandbox each gVisor
+    /// sandbox runs in.
+    pub fn keep_spare(mut self) -> Self {
+        self.process = self.process.keep_spare();
+        self
+    }
+
+    /// See [`ProcessSandbox::release_spares`].
+    pub fn release_spares(&self) {
+        self.process.release_spares();
+    }
+
     pub fn runsc(&self) -> &Path {
         &self.runsc
     }

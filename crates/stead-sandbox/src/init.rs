@@ -158,13 +158,31 @@ fn fail(status: &OwnedFd, err: &InitError, code: i32) -> ! {
     exit_now(code)
 }
 
-fn parse_args(args: &[OsString]) -> Option<(RawFd, RawFd)> {
+/// `argv[2]` of a spare init (see [`spare`]).
+pub(crate) const SPARE_ARG: &str = "spare";
+
+/// How the init was started.
+#[derive(Debug, PartialEq, Eq)]
+enum Args {
+    /// `__sandbox-init <config-fd> <status-fd>`: configured at exec.
+    Direct { config: RawFd, status: RawFd },
+    /// `__sandbox-init spare <control-fd>`: a spare, configured later.
+    Spare { control: RawFd },
+}
+
+fn parse_args(args: &[OsString]) -> Option<Args> {
     if args.get(1)?.as_bytes() != INIT_SUBCOMMAND.as_bytes() {
         return None;
     }
     let fd =
         |i: usize| -> Option<RawFd> { args.get(i)?.to_str()?.parse().ok().filter(|fd| *fd > 2) };
-    Some((fd(2)?, fd(3)?))
+    if args.get(2)?.as_bytes() == SPARE_ARG.as_bytes() {
+        return (args.len() == 4).then_some(Args::Spare { control: fd(3)? });
+    }
+    Some(Args::Direct {
+        config: fd(2)?,
+        status: fd(3)?,
+    })
 }
 
 /// Body of the `__sandbox-init` hidden subcommand: the agent re-executes
@@ -184,22 +202,126 @@ fn parse_args(args: &[OsString]) -> Option<(RawFd, RawFd)> {
 /// ```
 pub fn init_main() -> ! {
     let args: Vec<OsString> = std::env::args_os().collect();
-    let Some((config_fd, status_fd)) = parse_args(&args) else {
-        eprintln!(
-            "usage: {INIT_SUBCOMMAND} <config-fd> <status-fd>\n\
-             (the sandbox init is started by the Stead agent, not by hand)"
-        );
+    match parse_args(&args) {
+        Some(Args::Direct { config, status }) => {
+            // SAFETY: the agent passed these two descriptors to us (it
+            // cleared their close-on-exec flag for this exec) and nothing
+            // else here owns them.
+            let (config, status) =
+                unsafe { (OwnedFd::from_raw_fd(config), OwnedFd::from_raw_fd(status)) };
+            outer(config, status, None)
+        }
+        // SAFETY: as above, for the spare's end of its control socket.
+        Some(Args::Spare { control }) => spare(unsafe { OwnedFd::from_raw_fd(control) }),
+        None => {
+            eprintln!(
+                "usage: {INIT_SUBCOMMAND} <config-fd> <status-fd>\n\
+                 (the sandbox init is started by the Stead agent, not by hand)"
+            );
+            exit_now(EXIT_SETUP_FAILED)
+        }
+    }
+}
+
+/// Namespaces a spare may still be asked to create when it is used: those
+/// that must be made at that moment, not when the spare was (the mount
+/// namespace copies the host's mounts as they are then, e.g. an app's data
+/// directory mounted just before; the cgroup namespace is rooted at the
+/// cgroup the spare is in, named after the instance by then; the pid
+/// namespace is its children's anyway).
+pub(crate) const SPARE_LATE_NAMESPACES: libc::c_int =
+    libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWCGROUP;
+
+/// The descriptors of a start, in the order the agent sends them to a
+/// spare: config memfd, status pipe, stdout, stderr, and for egress the
+/// network pipe.
+pub(crate) const SPARE_FDS_MIN: usize = 4;
+pub(crate) const SPARE_FDS_MAX: usize = 5;
+
+/// A spare init: already in its cgroup (joined by the agent's child before
+/// exec, off any request's path) and in fresh uts, ipc and network
+/// namespaces, it waits for one message on its control socket: the
+/// namespaces still to create and the descriptors of a start. Then it goes
+/// on exactly as an init started for that sandbox would. End-of-file (the
+/// agent let it go, or died) ends it quietly: a spare carries nothing, and
+/// is never used twice (the socket is closed once the message is read).
+fn spare(control: OwnedFd) -> ! {
+    let Some((flags, mut fds)) = receive_start(&control) else {
+        exit_now(0)
+    };
+    drop(control);
+    let net = (fds.len() == SPARE_FDS_MAX).then(|| fds.remove(4));
+    let mut it = fds.into_iter();
+    let (Some(config), Some(status), Some(stdout), Some(stderr)) =
+        (it.next(), it.next(), it.next(), it.next())
+    else {
         exit_now(EXIT_SETUP_FAILED)
     };
-    // SAFETY: the agent passed these two descriptors to us (it cleared their
-    // close-on-exec flag for this exec) and nothing else here owns them.
-    let (config, status) = unsafe {
-        (
-            OwnedFd::from_raw_fd(config_fd),
-            OwnedFd::from_raw_fd(status_fd),
-        )
+    for (fd, target) in [(&stdout, 1), (&stderr, 2)] {
+        // SAFETY: dup2 of a descriptor we own onto stdout/stderr.
+        if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
+            let e = InitError {
+                step: "dup2 (the sandbox's output)".into(),
+                source: io::Error::last_os_error(),
+            };
+            fail(&status, &e, EXIT_SETUP_FAILED);
+        }
+    }
+    drop((stdout, stderr));
+    if flags & !SPARE_LATE_NAMESPACES != 0 {
+        let e = InitError {
+            step: format!("namespaces asked of a spare ({flags:#x})"),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        };
+        fail(&status, &e, EXIT_SETUP_FAILED);
+    }
+    // SAFETY: plain syscall; this process is single-threaded.
+    if unsafe { libc::unshare(flags) } != 0 {
+        let e = InitError {
+            step: format!("unshare({flags:#x}) in the spare"),
+            source: io::Error::last_os_error(),
+        };
+        fail(&status, &e, EXIT_SETUP_FAILED);
+    }
+    outer(config, status, net)
+}
+
+/// Reads the spare's one message: 4 bytes of namespace flags, and the
+/// descriptors. `None` on end-of-file or anything malformed.
+fn receive_start(control: &OwnedFd) -> Option<(libc::c_int, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut buf = [0u8; 4];
+    let mut space = nix::cmsg_space!([RawFd; SPARE_FDS_MAX]);
+    let (n, fds) = loop {
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(
+            control.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().ok()? {
+                    if let ControlMessageOwned::ScmRights(list) = c {
+                        // SAFETY: the kernel just installed these
+                        // descriptors in this process for us.
+                        fds.extend(
+                            list.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+                break (msg.bytes, fds);
+            }
+            Err(Errno::EINTR) => continue,
+            Err(_) => return None,
+        }
     };
-    outer(config, status)
+    if n != 4 || !(SPARE_FDS_MIN..=SPARE_FDS_MAX).contains(&fds.len()) {
+        return None;
+    }
+    Some((libc::c_int::from_le_bytes(buf), fds))
 }
 
 fn read_config(fd: OwnedFd) -> Result<InitConfig, InitError> {
@@ -236,7 +358,11 @@ fn signal_set() -> SigSet {
     set
 }
 
-fn prepare_outer(config: OwnedFd, status: &OwnedFd) -> Result<(InitConfig, SigSet), InitError> {
+fn prepare_outer(
+    config: OwnedFd,
+    status: &OwnedFd,
+    net: Option<OwnedFd>,
+) -> Result<(InitConfig, SigSet), InitError> {
     let cfg = read_config(config)?;
     // Only the command's exec may close our status pipe's last copy.
     set_cloexec(status)?;
@@ -259,9 +385,11 @@ fn prepare_outer(config: OwnedFd, status: &OwnedFd) -> Result<(InitConfig, SigSe
     if cfg.loopback_up {
         bring_up_loopback()?;
     }
-    if let Some(fd) = cfg.net_fd {
-        // SAFETY: the agent passed this descriptor for us alone.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A spare got its network pipe with the start message; an init started
+    // for this sandbox inherited it at the number the config names.
+    // SAFETY: the agent passed this descriptor for us alone.
+    let net = net.or_else(|| cfg.net_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+    if let Some(fd) = net {
         let mut buf = [0u8; 8];
         let mut file = File::from(fd);
         file.read_exact(&mut buf)
@@ -570,8 +698,8 @@ fn bring_up_loopback() -> Result<(), InitError> {
     Ok(())
 }
 
-fn outer(config: OwnedFd, status: OwnedFd) -> ! {
-    let (cfg, signals) = match prepare_outer(config, &status) {
+fn outer(config: OwnedFd, status: OwnedFd, net: Option<OwnedFd>) -> ! {
+    let (cfg, signals) = match prepare_outer(config, &status, net) {
         Ok(v) => v,
         Err(e) => fail(&status, &e, EXIT_SETUP_FAILED),
     };
@@ -977,7 +1105,19 @@ mod tests {
         let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
         assert_eq!(
             parse_args(&a(&["x", INIT_SUBCOMMAND, "5", "7"])),
-            Some((5, 7))
+            Some(Args::Direct {
+                config: 5,
+                status: 7
+            })
+        );
+        assert_eq!(
+            parse_args(&a(&["x", INIT_SUBCOMMAND, SPARE_ARG, "6"])),
+            Some(Args::Spare { control: 6 })
+        );
+        assert_eq!(parse_args(&a(&["x", INIT_SUBCOMMAND, SPARE_ARG])), None);
+        assert_eq!(
+            parse_args(&a(&["x", INIT_SUBCOMMAND, SPARE_ARG, "2"])),
+            None
         );
         assert_eq!(parse_args(&a(&["x", "serve", "5", "7"])), None);
         assert_eq!(parse_args(&a(&["x", INIT_SUBCOMMAND, "1", "7"])), None);

@@ -65,6 +65,7 @@ mod init;
 pub mod netconf;
 mod netns;
 mod process;
+mod spare;
 mod spec;
 mod sys;
 

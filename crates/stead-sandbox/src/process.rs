@@ -46,6 +46,17 @@ pub struct ProcessSandbox {
     /// first egress sandbox).
     net: NetConfig,
     net_installed: std::sync::Mutex<bool>,
+    /// Spare sandboxes, when enabled ([`ProcessSandbox::keep_spare`]).
+    spares: Option<Arc<crate::spare::SparePool>>,
+}
+
+impl Drop for ProcessSandbox {
+    fn drop(&mut self) {
+        // Also ends a spare whose refill task still holds the pool.
+        if let Some(pool) = &self.spares {
+            pool.close();
+        }
+    }
 }
 
 /// Where confined sandboxes build their root (see `ProcessSandbox::staging`).
@@ -97,6 +108,8 @@ pub struct SandboxProcess {
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
     exit: watch::Receiver<Option<ExitInfo>>,
+    /// Started in a spare sandbox.
+    from_spare: bool,
 }
 
 impl std::fmt::Debug for SandboxProcess {
@@ -126,26 +139,38 @@ fn io_err(id: &str, what: &'static str, path: &Path) -> impl FnOnce(io::Error) -
     }
 }
 
-fn open_output(id: &str, out: &Output, what: &'static str) -> Result<Stdio, SandboxError> {
-    Ok(match out {
-        Output::Null => Stdio::null(),
-        Output::Pipe => Stdio::piped(),
-        Output::File(path) => {
-            let file = OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o640)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(path)
-                .map_err(io_err(id, what, path))?;
-            Stdio::from(file)
-        }
-    })
+/// The descriptor stdout or stderr gets; `None` for [`Output::Pipe`], whose
+/// pipe the child's spawn makes.
+fn open_output(
+    id: &str,
+    out: &Output,
+    what: &'static str,
+) -> Result<Option<OwnedFd>, SandboxError> {
+    let path = match out {
+        Output::Pipe => return Ok(None),
+        Output::Null => Path::new("/dev/null"),
+        Output::File(path) => path.as_path(),
+    };
+    let file = OpenOptions::new()
+        .append(true)
+        .create(matches!(out, Output::File(_)))
+        .mode(0o640)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err(id, what, path))?;
+    Ok(Some(OwnedFd::from(file)))
+}
+
+fn stdio(fd: Option<OwnedFd>) -> Stdio {
+    match fd {
+        Some(fd) => Stdio::from(fd),
+        None => Stdio::piped(),
+    }
 }
 
 /// What the child does between fork and exec. Only async-signal-safe calls:
 /// the agent is multi-threaded.
-fn child_setup(join: &[RawFd], flags: libc::c_int, keep: &[RawFd]) -> io::Result<()> {
+pub(crate) fn child_setup(join: &[RawFd], flags: libc::c_int, keep: &[RawFd]) -> io::Result<()> {
     for fd in join {
         // Writing "0" to cgroup.procs moves the writer (v1 and v2).
         // SAFETY: write from a static buffer to an fd we own.
@@ -263,7 +288,50 @@ impl ProcessSandbox {
             staging,
             net: NetConfig::default(),
             net_installed: std::sync::Mutex::new(false),
+            spares: None,
         })
+    }
+
+    /// Keeps a spare sandbox ready (see `spare.rs`): a start that can use
+    /// it skips the fork of the agent, the cgroup join (on cgroup v1 it
+    /// may wait 6-15 ms for an RCU grace period) and the exec of the init.
+    /// Used by instances with a network namespace of their own and output
+    /// to files; a no-op on cgroup v2. The first spare is made at once when
+    /// called within a tokio runtime, else at the first start.
+    pub fn keep_spare(mut self) -> Self {
+        if self.spares.is_none() {
+            self.spares = crate::spare::SparePool::new(self.init_exe.clone(), self.cgroups.clone());
+        }
+        if let (Some(pool), Ok(_)) = (&self.spares, tokio::runtime::Handle::try_current()) {
+            pool.schedule(Duration::ZERO);
+        }
+        self
+    }
+
+    /// The pid of the spare sandbox waiting now, if any (for tests and
+    /// diagnostics).
+    pub fn spare_pid(&self) -> Option<u32> {
+        self.spares.as_ref().and_then(|p| p.waiting_pid())
+    }
+
+    /// Resolves once a spare is waiting, or after `timeout`; `false` when
+    /// spares are off or none came in time.
+    pub async fn spare_ready(&self, timeout: Duration) -> bool {
+        let Some(pool) = &self.spares else {
+            return false;
+        };
+        let mut rx = pool.ready();
+        let ready = tokio::time::timeout(timeout, rx.wait_for(|n| *n > 0))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        ready
+    }
+
+    /// Ends the waiting spare and makes no more (the agent stopping).
+    pub fn release_spares(&self) {
+        if let Some(pool) = &self.spares {
+            pool.close();
+        }
     }
 
     /// Uses `net` for egress sandboxes (pool, denied destinations) instead
@@ -385,6 +453,47 @@ impl ProcessSandbox {
         let stderr = open_output(&id, &spec.stderr, "opening the stderr file")?;
 
         let planned_us = started.elapsed().as_micros() as u64;
+        let mut prepared = Prepared {
+            config_fd,
+            status_r,
+            status_w,
+            stdout,
+            stderr,
+            net,
+        };
+        let pool = self.spares.as_ref().filter(|_| {
+            spec.network.has_netns() && prepared.stdout.is_some() && prepared.stderr.is_some()
+        });
+        if let Some(spare) = pool.and_then(|p| p.take()) {
+            let pid = spare.pid;
+            match self
+                .start_in_spare(&spec, spare, memory_bytes, prepared)
+                .await
+            {
+                SpareStart::Started(p) => {
+                    tracing::debug!(
+                        sandbox = %id,
+                        pid,
+                        data_dir_us,
+                        planned_us,
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "sandbox started (from a spare)"
+                    );
+                    return Ok(p);
+                }
+                SpareStart::Failed(e) => return Err(e),
+                SpareStart::Unused(p) => prepared = p,
+            }
+        }
+        let Prepared {
+            config_fd,
+            status_r,
+            status_w,
+            stdout,
+            stderr,
+            net,
+        } = prepared;
+        let (stdout, stderr) = (stdio(stdout), stdio(stderr));
         let cgroup = self
             .cgroups
             .create(&id, memory_bytes, spec.pids_max, spec.cpu_millis)?;
@@ -486,29 +595,18 @@ impl ProcessSandbox {
             init_exe: self.init_exe.clone(),
             source,
         })?;
-        match self
-            .finish_start(spec, cgroup, &mut child, io.status_r, net_w)
-            .await
-        {
+        let finished = match child.id() {
+            Some(pid) => self.finish_start(spec, pid, None, io.status_r, net_w).await,
+            None => Err(SandboxError::Setup {
+                id: id.to_owned(),
+                message: "the sandbox init exited before it could be watched".into(),
+            }),
+        };
+        match finished {
             Ok((pid, pidfd, start_time, netns, link)) => {
-                let (tx, exit) = watch::channel(None);
                 let stdout = child.stdout.take();
                 let stderr = child.stderr.take();
-                let (wid, wcg, mb) = (id.to_owned(), cgroup.clone(), spec.memory_mb);
-                tokio::spawn(async move {
-                    let (code, signal) = match child.wait().await {
-                        Ok(status) => {
-                            use std::os::unix::process::ExitStatusExt;
-                            (status.code(), status.signal())
-                        }
-                        Err(e) => {
-                            tracing::error!(sandbox = %wid, error = %e, "waiting for the sandbox");
-                            (None, None)
-                        }
-                    };
-                    let info = finish(&wid, &wcg, mb, code, signal).await;
-                    tx.send_replace(Some(info));
-                });
+                let exit = watch_child(id, cgroup.clone(), spec.memory_mb, child);
                 Ok(SandboxProcess {
                     id: id.to_owned(),
                     pid,
@@ -523,6 +621,7 @@ impl ProcessSandbox {
                     stdout,
                     stderr,
                     exit,
+                    from_spare: false,
                 })
             }
             Err(e) => {
@@ -536,19 +635,18 @@ impl ProcessSandbox {
         }
     }
 
+    /// Waits for the init of `pid` to execute the command (after giving an
+    /// egress sandbox its network). `opened`: the pidfd and network
+    /// namespace when the caller has them already (a spare).
     async fn finish_start(
         &self,
         spec: &SandboxSpec,
-        _cgroup: &CgroupPaths,
-        child: &mut Child,
+        pid: u32,
+        opened: Option<(OwnedFd, Netns)>,
         status_r: OwnedFd,
         net_w: Option<OwnedFd>,
     ) -> Result<(u32, OwnedFd, u64, Netns, Option<netconf::Link>), SandboxError> {
         let id = spec.id.as_str();
-        let pid = child.id().ok_or_else(|| SandboxError::Setup {
-            id: id.to_owned(),
-            message: "the sandbox init exited before it could be watched".into(),
-        })?;
         let mut egress = None;
         if let Some(net_w) = net_w {
             // The init waits for eth0's addresses before it goes on: the
@@ -568,20 +666,26 @@ impl ProcessSandbox {
             tracing::debug!(sandbox = id, slot = link.slot, inside = %link.inside, "egress link up");
             egress = Some(link);
         }
-        // Our child is not reaped until we wait for it, so this is the right
-        // process.
-        let pidfd = sys::pidfd_open(pid).map_err(syscall_err(id, "pidfd_open"))?;
-        // Open the namespace now, before a quick command can have come and
-        // gone (a zombie has no namespaces left to open).
-        let netns = match spec.network {
-            NetworkMode::Host => Netns::Host,
-            NetworkMode::Isolated | NetworkMode::Egress => {
-                let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-                match File::open(&path) {
-                    Ok(f) => Netns::Isolated(Some(Arc::new(OwnedFd::from(f)))),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => Netns::Isolated(None),
-                    Err(e) => return Err(io_err(id, "opening", &path)(e)),
-                }
+        let (pidfd, netns) = match opened {
+            Some(o) => o,
+            None => {
+                // Our child is not reaped until we wait for it, so this is
+                // the right process.
+                let pidfd = sys::pidfd_open(pid).map_err(syscall_err(id, "pidfd_open"))?;
+                // Open the namespace now, before a quick command can have
+                // come and gone (a zombie has no namespaces left to open).
+                let netns = match spec.network {
+                    NetworkMode::Host => Netns::Host,
+                    NetworkMode::Isolated | NetworkMode::Egress => {
+                        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                        match File::open(&path) {
+                            Ok(f) => Netns::Isolated(Some(Arc::new(OwnedFd::from(f)))),
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => Netns::Isolated(None),
+                            Err(e) => return Err(io_err(id, "opening", &path)(e)),
+                        }
+                    }
+                };
+                (pidfd, netns)
             }
         };
         let message = match tokio::time::timeout(START_TIMEOUT, read_status(status_r)).await {
@@ -701,8 +805,164 @@ impl ProcessSandbox {
             stdout: None,
             stderr: None,
             exit,
+            from_spare: false,
         }))
     }
+
+    /// Starts `spec` in `spare`. `Unused`: the spare could not be used and
+    /// nothing was sent to it (it is discarded; the caller starts
+    /// directly with what it prepared).
+    async fn start_in_spare(
+        &self,
+        spec: &SandboxSpec,
+        mut spare: crate::spare::Spare,
+        memory_bytes: u64,
+        prepared: Prepared,
+    ) -> SpareStart {
+        let id = spec.id.as_str();
+        if prepared.stdout.is_none() || prepared.stderr.is_none() {
+            // Pipes are made by a direct spawn (builds use them).
+            spare.discard();
+            return SpareStart::Unused(prepared);
+        }
+        let target = self.cgroups.paths_for(id);
+        if let Err(e) = spare.cgroup.rename_to(id, &target) {
+            tracing::warn!(sandbox = id, spare = %spare.name, error = %e, "cannot use the spare sandbox; starting directly");
+            spare.discard();
+            return SpareStart::Unused(prepared);
+        }
+        // Its cgroups are the sandbox's from here on.
+        spare.cgroup = target.clone();
+        spare.name = id.to_owned();
+        let cpu = self.cgroups.cpu_millis(spec.cpu_millis);
+        // The limits come before the start is sent: nothing of the app
+        // runs unlimited.
+        if let Err(e) = target.set_limits(id, memory_bytes, spec.pids_max, cpu) {
+            spare.discard();
+            return SpareStart::Failed(e);
+        }
+        let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID;
+        if spec.confine.is_some() {
+            flags |= libc::CLONE_NEWCGROUP;
+        }
+        let fds: Vec<RawFd> = [Some(&prepared.config_fd), Some(&prepared.status_w)]
+            .into_iter()
+            .chain([prepared.stdout.as_ref(), prepared.stderr.as_ref()])
+            .chain([prepared.net.as_ref().map(|(r, _)| r)])
+            .flatten()
+            .map(AsRawFd::as_raw_fd)
+            .collect();
+        if let Err(e) = spare.send_start(flags, &fds) {
+            tracing::warn!(sandbox = id, pid = spare.pid, error = %e, "the spare sandbox did not take the start; starting directly");
+            spare.discard();
+            return SpareStart::Unused(prepared);
+        }
+        // Our copies closed: the status pipe reaches end-of-file once the
+        // command is executed.
+        let Prepared {
+            config_fd,
+            status_r,
+            status_w,
+            stdout,
+            stderr,
+            net,
+        } = prepared;
+        drop((config_fd, status_w, stdout, stderr));
+        let net_w = net.map(|(r, w)| {
+            drop(r);
+            w
+        });
+        let crate::spare::Spare {
+            child,
+            pid,
+            pidfd,
+            control,
+            netns,
+            ..
+        } = spare;
+        drop(control);
+        let netns = Netns::Isolated(Some(Arc::new(netns)));
+        match self
+            .finish_start(spec, pid, Some((pidfd, netns)), status_r, net_w)
+            .await
+        {
+            Ok((pid, pidfd, start_time, netns, link)) => {
+                let exit = watch_child(id, target.clone(), spec.memory_mb, child);
+                SpareStart::Started(SandboxProcess {
+                    id: id.to_owned(),
+                    pid,
+                    start_time,
+                    pidfd: Arc::new(pidfd),
+                    cgroup: target,
+                    memory_mb: spec.memory_mb,
+                    network: spec.network,
+                    backend: spec.backend,
+                    netns,
+                    link,
+                    stdout: None,
+                    stderr: None,
+                    exit,
+                    from_spare: true,
+                })
+            }
+            Err(e) => {
+                let mut child = child;
+                let _ = target.kill_all();
+                let _ = child.start_kill();
+                if tokio::time::timeout(KILL_WAIT, child.wait()).await.is_err() {
+                    tracing::error!(sandbox = %id, "the sandbox init did not die after SIGKILL");
+                }
+                target.remove(id).await;
+                SpareStart::Failed(e)
+            }
+        }
+    }
+}
+
+/// What `spawn` prepares before choosing between a spare and a direct
+/// start.
+struct Prepared {
+    config_fd: OwnedFd,
+    status_r: OwnedFd,
+    status_w: OwnedFd,
+    /// `None`: [`Output::Pipe`].
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    net: Option<(OwnedFd, OwnedFd)>,
+}
+
+enum SpareStart {
+    Started(SandboxProcess),
+    /// Not used, nothing sent: start directly with these.
+    Unused(Prepared),
+    Failed(SandboxError),
+}
+
+/// The task that waits for the sandbox's init (our child) and publishes its
+/// exit once its cgroup is removed.
+fn watch_child(
+    id: &str,
+    cgroup: CgroupPaths,
+    memory_mb: u64,
+    mut child: Child,
+) -> watch::Receiver<Option<ExitInfo>> {
+    let (tx, exit) = watch::channel(None);
+    let wid = id.to_owned();
+    tokio::spawn(async move {
+        let (code, signal) = match child.wait().await {
+            Ok(status) => {
+                use std::os::unix::process::ExitStatusExt;
+                (status.code(), status.signal())
+            }
+            Err(e) => {
+                tracing::error!(sandbox = %wid, error = %e, "waiting for the sandbox");
+                (None, None)
+            }
+        };
+        let info = finish(&wid, &cgroup, memory_mb, code, signal).await;
+        tx.send_replace(Some(info));
+    });
+    exit
 }
 
 /// The descriptors `spawn` prepares for `start`.
@@ -739,6 +999,12 @@ impl SandboxProcess {
     /// The backend running it.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Whether it was started in a spare sandbox (see
+    /// [`ProcessSandbox::keep_spare`]).
+    pub fn started_from_spare(&self) -> bool {
+        self.from_spare
     }
 
     /// What to store to [`ProcessSandbox::adopt`] this sandbox after an
