@@ -561,10 +561,17 @@ fn agent_replaced_under_load_fails_no_request() {
         std::mem::swap(&mut c.agent, &mut successor);
         // `successor` is now the old agent's (exited) process.
         drop(successor);
-        assert!(
-            c.agent.text().contains("took over from the previous agent"),
-            "round {round}:\n{}",
-            c.agent.text()
+        // It logs so once it holds the lock, which the old one released
+        // as it exited.
+        c.wait(
+            "the new agent to take over",
+            Duration::from_secs(30),
+            || {
+                c.agent
+                    .text()
+                    .contains("took over from the previous agent")
+                    .then_some(())
+            },
         );
         // Requests go on through the new agent's forwarders.
         c.wait(
