@@ -138,13 +138,19 @@ fn zero_scaled_app_wakes_on_its_first_requests() {
     // one instance their shared wake-up started.
     wait_for_zero(&dev, app, Duration::from_secs(30));
     let seen = Arc::new(Mutex::new(Vec::new()));
+    // Every thread has its client before any sends, and all send at once,
+    // so that the requests really arrive together (while the app is at 0).
+    let start = Arc::new(std::sync::Barrier::new(100));
     let t = Instant::now();
     let threads: Vec<_> = (0..100)
         .map(|_| {
             let seen = seen.clone();
             let url = url.clone();
+            let start = start.clone();
             std::thread::spawn(move || {
-                let r = get(&client(), &url);
+                let c = client();
+                start.wait();
+                let r = get(&c, &url);
                 seen.lock().expect("lock").push(r);
             })
         })
