@@ -168,7 +168,7 @@ impl Hub {
     }
 
     /// Ids of the instances something was handed over for and not yet taken.
-    pub fn unclaimed(&self) -> Vec<String> {
+    pub fn drop_unclaimed(&self) -> Vec<String> {
         let mut inherited = self.inherited.lock().unwrap_or_else(|p| p.into_inner());
         let ids = inherited.keys().cloned().collect();
         // Sockets of instances that are gone: closing them is all there is.

@@ -250,7 +250,7 @@ pub async fn run(
         config,
     });
     instance::adopt_all(&shared).await;
-    let unclaimed = shared.hub.unclaimed();
+    let unclaimed = shared.hub.drop_unclaimed();
     if !unclaimed.is_empty() {
         tracing::info!(host = %shared.config.name, instances = ?unclaimed, "closed the sockets handed over for instances that are gone");
     }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{count, create_token, free_port, Proc, BIN};
+use common::{count, create_token, free_port, wait_clean_exit, Load, Proc, BIN};
 use serde_json::Value;
 
 struct Cluster {
@@ -187,6 +187,23 @@ impl Cluster {
         serde_json::from_slice::<Value>(&out.stdout).ok()?["status"]
             .as_str()
             .map(str::to_string)
+    }
+
+    /// Deletes `app` and waits until its instances have stopped (a
+    /// production agent leaves instances running when it stops).
+    fn delete_and_wait(&self, app: &str) {
+        self.ok(&["apps", "delete", app, "--yes"]);
+        let instances = self.root.join("agent/instances");
+        self.wait(
+            "the app's instances to stop",
+            Duration::from_secs(60),
+            || {
+                let left = std::fs::read_dir(&instances)
+                    .map(|d| d.count())
+                    .unwrap_or(0);
+                (left == 0).then_some(())
+            },
+        );
     }
 
     fn wait<T>(&self, what: &str, within: Duration, f: impl FnMut() -> Option<T>) -> T {
@@ -411,18 +428,7 @@ fn die_separately(c: &mut Cluster, root: &Path, example: &str, app: &str) {
 
     // A production agent leaves its instances running when it stops (so a
     // restart costs nothing): delete the app so the test leaves none behind.
-    c.ok(&["apps", "delete", app, "--yes"]);
-    let instances = root.join("agent/instances");
-    c.wait(
-        "the app's instances to stop",
-        Duration::from_secs(60),
-        || {
-            let left = std::fs::read_dir(&instances)
-                .map(|d| d.count())
-                .unwrap_or(0);
-            (left == 0).then_some(())
-        },
-    );
+    c.delete_and_wait(app);
 }
 
 /// Replacing the agent's binary under load: a new `stead agent` started on
@@ -435,9 +441,6 @@ fn die_separately(c: &mut Cluster, root: &Path, example: &str, app: &str) {
 /// workflow completes with every step once.
 #[test]
 fn agent_replaced_under_load_fails_no_request() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
-
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let pg = rt.block_on(stead_store::testing::postgres_database());
     let tmp = tempfile::tempdir().expect("tmp");
@@ -484,69 +487,26 @@ fn agent_replaced_under_load_fails_no_request() {
 
     // Steady load: one keep-alive client and one that connects anew for
     // every request, each request a read of the system database.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let url = format!("{}/apps/{app}/workflows/{wf}", c.router);
-    let load: Vec<_> = [true, false]
-        .into_iter()
-        .map(|keep_alive| {
-            let (stop, ok, failed, failures, url) = (
-                stop.clone(),
-                ok.clone(),
-                failed.clone(),
-                failures.clone(),
-                url.clone(),
-            );
-            std::thread::spawn(move || {
-                let mut b = reqwest::blocking::Client::builder().timeout(Duration::from_secs(20));
-                if !keep_alive {
-                    b = b.pool_max_idle_per_host(0);
-                }
-                let client = b.build().expect("client");
-                // Bounded: the test stops it long before this.
-                for _ in 0..200_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    match client.get(&url).send() {
-                        Ok(r) if r.status().is_success() => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            failures
-                                .lock()
-                                .expect("lock")
-                                .push(format!("status {}", r.status()));
-                        }
-                        Err(e) => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            failures.lock().expect("lock").push(e.to_string());
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
+    let (kept, fresh) = (Load::start(&url, 1, false), Load::start(&url, 1, true));
+    let answered = || kept.answered() + fresh.answered();
     c.wait("the load to run", Duration::from_secs(30), || {
-        (ok.load(Ordering::Relaxed) >= 20).then_some(())
+        (answered() >= 20).then_some(())
     });
 
     for round in 1..=3 {
-        let served_before = ok.load(Ordering::Relaxed);
+        let served_before = answered();
         let mut successor = Proc::start(
             c.root.join(format!("agent-{round}.log")),
             c.agent.args.clone(),
             Vec::new(),
         );
-        let status = c.agent.wait_exit(Duration::from_secs(60));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "round {round}: the old agent did not hand over and exit ({status:?}):\nold:\n{}\nnew:\n{}",
-            c.agent.text(),
-            successor.text()
-        );
+        if let Some(mut old) = c.agent.child.take() {
+            let what = format!("round {round}: the old agent, after handing over");
+            wait_clean_exit(&mut old, Duration::from_secs(60), &what, || {
+                format!("old:\n{}\nnew:\n{}", c.agent.text(), successor.text())
+            });
+        }
         assert!(
             successor
                 .child
@@ -558,8 +518,8 @@ fn agent_replaced_under_load_fails_no_request() {
             "round {round}: the new agent exited:\n{}",
             successor.text()
         );
-        std::mem::swap(&mut c.agent, &mut successor);
         // `successor` is now the old agent's (exited) process.
+        std::mem::swap(&mut c.agent, &mut successor);
         drop(successor);
         // It logs so once it holds the lock, which the old one released
         // as it exited.
@@ -577,7 +537,7 @@ fn agent_replaced_under_load_fails_no_request() {
         c.wait(
             "requests after the hand-over",
             Duration::from_secs(30),
-            || (ok.load(Ordering::Relaxed) >= served_before + 20).then_some(()),
+            || (answered() >= served_before + 20).then_some(()),
         );
         // The heartbeat of the new agent reports the same instance.
         c.wait("the new agent's heartbeat", Duration::from_secs(30), || {
@@ -585,18 +545,12 @@ fn agent_replaced_under_load_fails_no_request() {
             (id == instance && p == pid).then_some(())
         });
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.join().expect("load thread");
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (kept_ok, kept_failed, mut failures) = kept.finish();
+    let (fresh_ok, fresh_failed, more) = fresh.finish();
+    failures.extend(more);
+    let (ok, failed) = (kept_ok + fresh_ok, kept_failed + fresh_failed);
     println!("agent replaced 3 times under load: {ok} requests answered, {failed} failed");
-    assert_eq!(
-        failed,
-        0,
-        "failed requests: {:?}",
-        failures.lock().expect("lock")
-    );
+    assert_eq!(failed, 0, "failed requests: {failures:?}");
     let after = backends();
     let cut: Vec<_> = before.iter().filter(|b| !after.contains(b)).collect();
     assert!(
@@ -614,16 +568,5 @@ fn agent_replaced_under_load_fails_no_request() {
     for step in 1..=3 {
         assert_eq!(count(&ex, &wf, step, "start"), 1, "step {step}: {ex:?}");
     }
-    c.ok(&["apps", "delete", app, "--yes"]);
-    let instances = c.root.join("agent/instances");
-    c.wait(
-        "the app's instances to stop",
-        Duration::from_secs(60),
-        || {
-            let left = std::fs::read_dir(&instances)
-                .map(|d| d.count())
-                .unwrap_or(0);
-            (left == 0).then_some(())
-        },
-    );
+    c.delete_and_wait(app);
 }

@@ -15,11 +15,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, tail, BIN};
+use common::{free_port, tail, wait_clean_exit, Load, BIN};
 use serde_json::Value;
 
 fn sh(args: &[&str]) -> bool {
@@ -169,25 +169,8 @@ impl Host {
     fn replace_agent(&mut self, within: Duration) {
         let new = self.spawn_agent();
         if let Some(mut old) = self.agent.take() {
-            let deadline = Instant::now() + within;
-            let status = loop {
-                if let Ok(Some(s)) = old.try_wait() {
-                    break s;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{}: the old agent did not hand over:\n{}",
-                    self.name,
-                    self.agent_log()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            };
-            assert!(
-                status.success(),
-                "{}: old agent exit {status}:\n{}",
-                self.name,
-                self.agent_log()
-            );
+            let what = format!("{}'s old agent, after handing over", self.name);
+            wait_clean_exit(&mut old, within, &what, || self.agent_log());
         }
         self.agent = Some(new);
     }
@@ -395,23 +378,7 @@ impl Proc {
     fn restart_gracefully(&mut self, within: Duration) {
         if let Some(mut c) = self.0.take() {
             sh(&["kill", "-15", &c.id().to_string()]);
-            let deadline = Instant::now() + within;
-            let status = loop {
-                if let Ok(Some(s)) = c.try_wait() {
-                    break s;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "no exit after SIGTERM:\n{}",
-                    self.text()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            };
-            assert!(
-                status.success(),
-                "exit after SIGTERM: {status}\n{}",
-                self.text()
-            );
+            wait_clean_exit(&mut c, within, "after SIGTERM", || self.text());
         }
         self.0 = Some(Self::spawn(&self.1, &self.2));
     }
@@ -422,22 +389,11 @@ impl Proc {
     fn replace(&mut self, within: Duration) {
         let new = Self::spawn(&self.1, &self.2);
         if let Some(mut old) = self.0.take() {
-            let deadline = Instant::now() + within;
-            let status = loop {
-                if let Ok(Some(s)) = old.try_wait() {
-                    break s;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the old process did not hand over and exit:\n{}",
-                    self.text()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            };
-            assert!(
-                status.success(),
-                "the old process exited with {status}\n{}",
-                self.text()
+            wait_clean_exit(
+                &mut old,
+                within,
+                "the old process, after handing over",
+                || self.text(),
             );
         }
         self.0 = Some(new);
@@ -763,91 +719,6 @@ fn app_dir(root: &Path, name: &str, count: u32) -> PathBuf {
     dir
 }
 
-/// Sends requests through the router back to back from `threads` threads
-/// until stopped; counts successes and failures (any non-200 or error).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    errors: Arc<std::sync::Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(router: &str, app: &str, threads: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-        // `app`, or `app/path` for a path of the app's.
-        let url = if app.contains('/') {
-            format!("{router}/apps/{app}")
-        } else {
-            format!("{router}/apps/{app}/")
-        };
-        let threads = (0..threads)
-            .map(|_| {
-                let (stop, ok, failed, errors, url) = (
-                    stop.clone(),
-                    ok.clone(),
-                    failed.clone(),
-                    errors.clone(),
-                    url.clone(),
-                );
-                std::thread::spawn(move || {
-                    let http = reqwest::blocking::Client::builder()
-                        .timeout(Duration::from_secs(10))
-                        .build()
-                        .expect("client");
-                    // Bounded: at most 10 minutes of requests.
-                    let deadline = Instant::now() + Duration::from_secs(600);
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        match http.get(&url).send() {
-                            Ok(r) if r.status().is_success() => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(r) => {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                                let status = r.status();
-                                let body = r.text().unwrap_or_default();
-                                if let Ok(mut e) = errors.lock() {
-                                    e.push(format!("{status}: {body}"));
-                                }
-                            }
-                            Err(e) => {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                                if let Ok(mut l) = errors.lock() {
-                                    l.push(e.to_string());
-                                }
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            errors,
-            threads,
-        }
-    }
-
-    fn finish(self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            let _ = t.join();
-        }
-        let errors = self.errors.lock().map(|e| e.clone()).unwrap_or_default();
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            errors,
-        )
-    }
-}
-
 #[test]
 fn drain_moves_instances_without_failing_requests() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -904,7 +775,7 @@ fn drain_moves_instances_without_failing_requests() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let load = Load::start(&c.router, app, 4);
+    let load = Load::start(&format!("{}/apps/{app}/", c.router), 4, false);
     // Some requests before the drain, so the load is known to work.
     c.wait("requests flowing", Duration::from_secs(30), || {
         (load.ok.load(Ordering::Relaxed) >= 50).then_some(())
@@ -1289,9 +1160,8 @@ fn upgrading_every_process_one_by_one_fails_no_request() {
     let before = running(&c);
     assert_eq!(before.len(), 3, "{before:?}");
 
-    let web = Load::start(&c.router, "web", 2);
-    let wf_path = format!("{app}/workflows/{wf}");
-    let durable = Load::start(&c.router, &wf_path, 1);
+    let web = Load::start(&format!("{}/apps/web/", c.router), 2, false);
+    let durable = Load::start(&format!("{}/apps/{app}/workflows/{wf}", c.router), 1, false);
     let progress = |c: &Cluster, what: &str| {
         let (a, b) = (
             web.ok.load(Ordering::Relaxed),

@@ -6,6 +6,8 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_stead");
@@ -494,5 +496,107 @@ pub fn wait_until<T>(
             logs()
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits (at most `within`) for `child` to exit by itself, and fails unless
+/// it exited cleanly; `what` names it and `logs` gives its last lines.
+pub fn wait_clean_exit(child: &mut Child, within: Duration, what: &str, logs: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no exit within {within:?}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{what}: exited with {status}\n{}", logs());
+}
+
+/// Sends GET `url` back to back from `threads` threads until finished;
+/// counts successes and failures (any non-2xx or error). With
+/// `fresh_connections`, every request opens a new connection; otherwise
+/// each thread keeps its connection alive.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub ok: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(url: &str, threads: usize, fresh_connections: bool) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, ok, failed, errors, url) = (
+                    stop.clone(),
+                    ok.clone(),
+                    failed.clone(),
+                    errors.clone(),
+                    url.to_string(),
+                );
+                std::thread::spawn(move || {
+                    let mut b =
+                        reqwest::blocking::Client::builder().timeout(Duration::from_secs(10));
+                    if fresh_connections {
+                        b = b.pool_max_idle_per_host(0);
+                    }
+                    let http = b.build().expect("client");
+                    // Bounded: at most 10 minutes of requests.
+                    let deadline = Instant::now() + Duration::from_secs(600);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let failure = match http.get(&url).send() {
+                            Ok(r) if r.status().is_success() => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            Ok(r) => {
+                                let status = r.status();
+                                format!("{status}: {}", r.text().unwrap_or_default())
+                            }
+                            Err(e) => e.to_string(),
+                        };
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut l) = errors.lock() {
+                            l.push(failure);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            errors,
+            threads,
+        }
+    }
+
+    pub fn answered(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the threads; (answered, failed, what the failures were).
+    pub fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let errors = self.errors.lock().map(|e| e.clone()).unwrap_or_default();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
     }
 }
